@@ -1,0 +1,161 @@
+//! Checkpoints: safetensors files with facebookresearch/mae's state-dict names.
+//!
+//! A weights file holds every model tensor under its MAE key (MFF adds `proj_layers.{k}.*` and
+//! `proj_weights`, attention fusion `fusion_attn.*`) and `__metadata__["config"]`, the
+//! [`ModelConfig`] JSON, so a checkpoint rebuilds its model alone and PyTorch reads it with
+//! `safetensors.torch.load_file`. Training state (AdamW moments and the step) lives in a second
+//! file beside it. Every file is written to a temporary name, synced, then renamed, so a crash
+//! never leaves a half-written checkpoint under the final name.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::model::{Mae, ParamStore};
+
+/// Metadata key of the model config JSON.
+pub const CONFIG_KEY: &str = "config";
+
+/// A loaded safetensors file.
+#[derive(Debug)]
+pub struct TensorFile {
+    pub tensors: BTreeMap<String, Tensor>,
+    pub metadata: HashMap<String, String>,
+}
+
+/// Writes `bytes` to `path` atomically: temporary file in the same folder, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)
+        .with_context(|| format!("creating {} (is the folder writable?)", tmp.display()))?;
+    f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Saves tensors (converted to contiguous CPU f32) with metadata, atomically.
+pub fn save_tensors(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
+    let bytes = safetensors::serialize(cpu.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
+        .with_context(|| format!("serialising {}", path.display()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Reads a safetensors file; every tensor is converted to `dtype` on `device`.
+pub fn load_tensors(path: &Path, dtype: DType, device: &Device) -> Result<TensorFile> {
+    let bytes = std::fs::read(path).with_context(|| {
+        format!("reading checkpoint {} (does the file exist?)", path.display())
+    })?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| {
+        format!(
+            "{} is not a safetensors file (truncated or another format?)",
+            path.display()
+        )
+    })?;
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    let raw = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .with_context(|| format!("decoding the tensors of {}", path.display()))?;
+    let mut tensors = BTreeMap::new();
+    for (k, t) in raw {
+        tensors.insert(k, t.to_dtype(dtype)?.to_device(device)?);
+    }
+    Ok(TensorFile { tensors, metadata })
+}
+
+/// Saves a model's weights with its config.
+pub fn save_weights(
+    path: &Path,
+    cfg: &ModelConfig,
+    store: &ParamStore,
+    mut metadata: HashMap<String, String>,
+) -> Result<()> {
+    metadata.insert(CONFIG_KEY.to_string(), cfg.to_json()?);
+    save_tensors(path, &store.tensors(), metadata)
+}
+
+/// A model loaded from a checkpoint.
+pub struct Loaded {
+    pub model: Mae,
+    pub store: ParamStore,
+    pub metadata: HashMap<String, String>,
+}
+
+/// Loads a weights file, rebuilds its model from the stored config, and checks every tensor
+/// name and shape both ways.
+pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+    let file = load_tensors(path, dtype, device)?;
+    let json = file.metadata.get(CONFIG_KEY).with_context(|| {
+        format!(
+            "{} has no `config` metadata; write it with \
+             safetensors.torch.save_file(sd, path, metadata={{\"config\": json.dumps(cfg)}}) \
+             using MAE's constructor names",
+            path.display()
+        )
+    })?;
+    let cfg = ModelConfig::from_json(json).with_context(|| format!("in {}", path.display()))?;
+    let store = ParamStore::from_tensors(file.tensors)?;
+    let model = Mae::from_store(&cfg, &store, dtype, device).map_err(|e| {
+        anyhow::anyhow!(
+            "{} does not match its config ({}): {e}",
+            path.display(),
+            cfg.to_json().unwrap_or_default()
+        )
+    })?;
+    Ok(Loaded {
+        model,
+        store,
+        metadata: file.metadata,
+    })
+}
+
+/// File names of the checkpoint after `step` optimiser steps.
+pub fn checkpoint_paths(dir: &Path, step: u64) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("step_{step:07}.safetensors")),
+        dir.join(format!("step_{step:07}.state.safetensors")),
+    )
+}
+
+/// The newest complete checkpoint in `dir`: the highest step whose weights and state both exist.
+pub fn latest_checkpoint(dir: &Path) -> Result<Option<u64>> {
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let mut best = None;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some(step) = name
+            .strip_prefix("step_")
+            .and_then(|s| s.strip_suffix(".state.safetensors"))
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let (weights, _) = checkpoint_paths(dir, step);
+        if weights.exists() && best.is_none_or(|b| step > b) {
+            best = Some(step);
+        }
+    }
+    Ok(best)
+}
+

@@ -1,0 +1,304 @@
+//! Command-line interface (clap derive only) and the resolution of flags into typed configs.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{
+    default_fuse_layers, parse_fuse_layers, Fusion, ModelConfig, ModelKind, Preset, Projection,
+    TrainConfig,
+};
+use crate::data::Augment;
+use crate::train::schedule::absolute_lr;
+
+/// Masked image modelling (MAE, MFF-MAE) training and analysis.
+#[derive(Debug, Parser)]
+#[command(name = "mimscope", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Pre-train an MAE or MFF-MAE model, or resume a run.
+    Train(TrainArgs),
+    /// Reconstruct masked images with a checkpoint.
+    Reconstruct(ReconstructCli),
+    /// Show a checkpoint's config, parameter counts and fusion weights.
+    Inspect {
+        /// A weights file (.safetensors).
+        checkpoint: PathBuf,
+    },
+    /// Time one training step and one unmasked encoder forward on synthetic inputs.
+    Bench(BenchArgs),
+}
+
+/// Where to compute.
+#[derive(Debug, Clone, Args)]
+pub struct DeviceArgs {
+    /// `cpu`, or `cuda:N` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl DeviceArgs {
+    pub fn device(&self) -> Result<candle_core::Device> {
+        match self.device.as_str() {
+            "cpu" => Ok(candle_core::Device::Cpu),
+            d if d.starts_with("cuda") => {
+                let idx: usize = match d.strip_prefix("cuda").unwrap_or("") {
+                    "" => 0,
+                    rest => rest.trim_start_matches(':').parse().map_err(|_| {
+                        anyhow::anyhow!("--device {d}: write cuda:N with N the GPU index")
+                    })?,
+                };
+                if cfg!(feature = "cuda") {
+                    Ok(candle_core::Device::new_cuda(idx)?)
+                } else {
+                    bail!(
+                        "--device {d}: this mimscope was built without CUDA; rebuild with \
+                         `cargo build --release --features cuda` (see the README's GPU set-up)"
+                    )
+                }
+            }
+            d => bail!("--device {d}: expected `cpu` or `cuda:N`"),
+        }
+    }
+}
+
+/// Architecture flags: a preset, then any field overridden.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model family: plain MAE, or MAE with Multi-level Feature Fusion.
+    #[arg(long, value_enum, default_value = "mae")]
+    pub model: ModelKind,
+    /// Architecture preset; every field can be overridden by the flags below.
+    #[arg(long, value_enum, default_value = "tiny")]
+    pub preset: Preset,
+    /// Input image size (pixels, square).
+    #[arg(long)]
+    pub img_size: Option<usize>,
+    /// Patch size (pixels).
+    #[arg(long)]
+    pub patch_size: Option<usize>,
+    /// Encoder width.
+    #[arg(long)]
+    pub embed_dim: Option<usize>,
+    /// Encoder blocks.
+    #[arg(long)]
+    pub depth: Option<usize>,
+    /// Encoder attention heads.
+    #[arg(long)]
+    pub num_heads: Option<usize>,
+    /// Decoder width.
+    #[arg(long)]
+    pub decoder_embed_dim: Option<usize>,
+    /// Decoder blocks.
+    #[arg(long)]
+    pub decoder_depth: Option<usize>,
+    /// Decoder attention heads.
+    #[arg(long)]
+    pub decoder_num_heads: Option<usize>,
+    /// MLP hidden width over block width.
+    #[arg(long)]
+    pub mlp_ratio: Option<f64>,
+    /// Per-patch normalised pixel targets (MAE's norm_pix_loss); presets use true.
+    #[arg(long)]
+    pub norm_pix_loss: Option<bool>,
+    /// MFF: shallow blocks fused with the last one, 0-based (`0,2,4,6,8`), `all` or `none`.
+    /// Default: mmpretrain's [0,2,4,6,8] for 12 blocks, scaled to other depths.
+    #[arg(long)]
+    pub fuse_layers: Option<String>,
+    /// MFF: projection of each shallow layer.
+    #[arg(long, value_enum, default_value = "linear")]
+    pub projection: Projection,
+    /// MFF: how fused layers are combined.
+    #[arg(long, value_enum, default_value = "weighted")]
+    pub fusion: Fusion,
+}
+
+impl ModelArgs {
+    /// The preset with every override applied, validated.
+    pub fn resolve(&self) -> Result<ModelConfig> {
+        let mut c = self.preset.config();
+        macro_rules! over {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        over!(img_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth,
+              decoder_num_heads, mlp_ratio, norm_pix_loss);
+        match self.model {
+            ModelKind::Mae => {
+                if self.fuse_layers.is_some() {
+                    bail!("--fuse-layers applies to --model mff only");
+                }
+            }
+            ModelKind::Mff => {
+                c.fuse_layers = match &self.fuse_layers {
+                    Some(s) => parse_fuse_layers(s, c.depth)?,
+                    None => default_fuse_layers(c.depth),
+                };
+                c.projection = self.projection;
+                c.fusion = self.fusion;
+            }
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image folder (searched recursively for JPEG and PNG; ImageFolder layout works).
+    /// Default: the photos bundled with mimscope.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Optimiser steps (default 200 when --epochs is not given).
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<u64>,
+    /// Epochs (passes over the data, MAE's drop_last batches, at least one step each).
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Base learning rate; the absolute one is blr * batch / 256.
+    #[arg(long, default_value_t = 1.5e-4)]
+    pub blr: f64,
+    /// Linear warmup steps (default: 10% of the steps, MAE's 40 of 400 epochs).
+    #[arg(long, conflicts_with = "warmup_epochs")]
+    pub warmup_steps: Option<u64>,
+    /// Linear warmup in epochs.
+    #[arg(long)]
+    pub warmup_epochs: Option<f64>,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    /// Exempt the MFF fusion logits `proj_weights` from weight decay (mmpretrain decays them).
+    #[arg(long)]
+    pub no_decay_fusion_weights: bool,
+    /// Fraction of patches removed.
+    #[arg(long, default_value_t = 0.75)]
+    pub mask_ratio: f64,
+    /// Augmentation: MAE's RandomResizedCrop+flip or PixMIM's resize+reflect-pad crop+flip.
+    /// Default: mae for --model mae, pixmim for --model mff (each paper's recipe).
+    #[arg(long, value_enum)]
+    pub augment: Option<Augment>,
+    /// Seed of everything random (init, data order, crops, masks).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 50)]
+    pub save_every: u64,
+    /// Run folder (must be new or empty).
+    #[arg(long, required_unless_present = "resume")]
+    pub out: Option<PathBuf>,
+    /// Continue the run in this folder from its newest checkpoint, with its saved config.
+    #[arg(long, conflicts_with = "out")]
+    pub resume: Option<PathBuf>,
+    /// Print the resolved config and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+impl TrainArgs {
+    /// Flags -> validated run config. `dataset_size` converts epochs to steps.
+    pub fn resolve(&self, dataset_size: usize) -> Result<TrainConfig> {
+        let model = self.model.resolve()?;
+        if self.batch_size == 0 {
+            bail!("--batch-size must be positive");
+        }
+        let steps_per_epoch = ((dataset_size / self.batch_size) as u64).max(1);
+        let epochs_to_steps = |e: f64, flag: &str| -> Result<u64> {
+            if !(e.is_finite() && e >= 0.0) {
+                bail!("{flag} must be a non-negative number, got {e}");
+            }
+            Ok((e * steps_per_epoch as f64).round() as u64)
+        };
+        let steps = match (self.steps, self.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => epochs_to_steps(e, "--epochs")?,
+            (None, None) => 200,
+        };
+        let warmup_steps = match (self.warmup_steps, self.warmup_epochs) {
+            (Some(w), _) => w,
+            (None, Some(e)) => epochs_to_steps(e, "--warmup-epochs")?,
+            (None, None) => steps / 10,
+        };
+        let cfg = TrainConfig {
+            model_kind: self.model.model,
+            preset: self.model.preset,
+            model,
+            data: self.data.clone(),
+            dataset_size,
+            batch_size: self.batch_size,
+            steps,
+            warmup_steps,
+            blr: self.blr,
+            lr: absolute_lr(self.blr, self.batch_size),
+            weight_decay: self.weight_decay,
+            decay_fusion_weights: !self.no_decay_fusion_weights,
+            mask_ratio: self.mask_ratio,
+            augment: self.augment.unwrap_or(match self.model.model {
+                ModelKind::Mae => Augment::Mae,
+                ModelKind::Mff => Augment::Pixmim,
+            }),
+            seed: self.seed,
+            save_every: self.save_every,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReconstructCli {
+    /// Weights file (.safetensors) written by mimscope or PyTorch with MAE's names.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Image folder; default: the bundled photos.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// How many images (the first ones in sorted path order).
+    #[arg(long, default_value_t = 8)]
+    pub images: usize,
+    /// Seed of the masks.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Fraction of patches removed.
+    #[arg(long, default_value_t = 0.75)]
+    pub mask_ratio: f64,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: BenchModel,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Timed repetitions after one warm-up (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// The bench's model: like [`ModelArgs`] but MFF by default.
+#[derive(Debug, Clone, Args)]
+pub struct BenchModel {
+    #[arg(long, value_enum, default_value = "mff")]
+    pub model: ModelKind,
+    #[arg(long, value_enum, default_value = "tiny")]
+    pub preset: Preset,
+}

@@ -1,0 +1,141 @@
+//! Figures: one function per figure, drawing only what it is given (figures never compute).
+//!
+//! Text is drawn by plotters with the DejaVu Sans font embedded in the binary
+//! (`assets/fonts/DejaVuSans.ttf`, registered once as "sans-serif"), so figures render the
+//! same on a machine without fonts. PNGs are written atomically.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
+
+use anyhow::{anyhow, bail, Context, Result};
+use image::imageops::{self, FilterType};
+use image::RgbImage;
+use plotters::backend::RGBPixel;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+use crate::checkpoint::write_atomic;
+
+/// The embedded font (DejaVu licence in `assets/fonts/LICENSE-DejaVu.txt`).
+static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+/// The family name the font is registered under.
+const FAMILY: &str = "sans-serif";
+
+/// Registers the embedded font with plotters (once per process); every figure calls this first.
+pub fn register_font() -> Result<()> {
+    static ONCE: Once = Once::new();
+    static OK: AtomicBool = AtomicBool::new(false);
+    ONCE.call_once(|| {
+        let ok = plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_ok();
+        OK.store(ok, Ordering::SeqCst);
+    });
+    if OK.load(Ordering::SeqCst) {
+        Ok(())
+    } else {
+        bail!("the embedded font assets/fonts/DejaVuSans.ttf could not be parsed")
+    }
+}
+
+/// Images are upscaled (nearest neighbour, integer factor) to at least this many pixels.
+const MIN_CELL: u32 = 96;
+/// Outer margin and label padding, in pixels.
+const MARGIN: u32 = 10;
+/// Space between images, in pixels.
+const GAP: u32 = 4;
+const LABEL_SIZE: f64 = 16.0;
+const CAPTION_SIZE: f64 = 14.0;
+
+/// Writes a PNG grid to `path`: one row per entry of `rows` (label at the left, then its images,
+/// one column per image, each upscaled with nearest neighbour to at least ~96 px), and `note` as
+/// a caption line at the bottom. Every row must hold the same number of images, all of one size.
+pub fn reconstruction_figure(path: &Path, rows: &[(&str, Vec<RgbImage>)], note: &str) -> Result<()> {
+    register_font()?;
+    let Some((_, first)) = rows.first() else {
+        bail!("reconstruction figure {}: no rows to draw", path.display());
+    };
+    let Some(sample) = first.first() else {
+        bail!("reconstruction figure {}: no images to draw", path.display());
+    };
+    let (iw, ih) = sample.dimensions();
+    let cols = first.len() as u32;
+    for (label, imgs) in rows {
+        if imgs.len() != first.len() {
+            bail!(
+                "reconstruction figure: row `{label}` has {} images, the first row {}",
+                imgs.len(),
+                first.len()
+            );
+        }
+        if let Some(bad) = imgs.iter().find(|i| i.dimensions() != (iw, ih)) {
+            bail!(
+                "reconstruction figure: row `{label}` has a {:?} image, the others are {iw}x{ih}",
+                bad.dimensions()
+            );
+        }
+    }
+    let scale = MIN_CELL.div_ceil(iw.max(ih).max(1)).max(1);
+    let (cw, ch) = (iw * scale, ih * scale);
+
+    let label_font = (FAMILY, LABEL_SIZE).into_font();
+    let caption_font = (FAMILY, CAPTION_SIZE).into_font();
+    let mut label_w = 0;
+    for (label, _) in rows {
+        label_w = label_w.max(text_size(&label_font, label)?.0);
+    }
+    let (caption_w, caption_h) = text_size(&caption_font, note)?;
+    let grid_x = MARGIN + label_w + MARGIN;
+    let grid_w = cols * cw + (cols - 1) * GAP;
+    let nrows = rows.len() as u32;
+    let grid_h = nrows * ch + (nrows - 1) * GAP;
+    let width = (grid_x + grid_w + MARGIN).max(MARGIN + caption_w + MARGIN);
+    let caption_y = MARGIN + grid_h + MARGIN;
+    let height = caption_y + caption_h.max(CAPTION_SIZE as u32) + MARGIN;
+
+    let mut canvas = RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
+    for (r, (_, imgs)) in rows.iter().enumerate() {
+        for (c, img) in imgs.iter().enumerate() {
+            let cell = imageops::resize(img, cw, ch, FilterType::Nearest);
+            let x = grid_x + c as u32 * (cw + GAP);
+            let y = MARGIN + r as u32 * (ch + GAP);
+            imageops::replace(&mut canvas, &cell, i64::from(x), i64::from(y));
+        }
+    }
+
+    let mut buf = canvas.into_raw();
+    {
+        let backend = BitMapBackend::<RGBPixel>::with_buffer_and_format(&mut buf, (width, height))
+            .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+        let root = backend.into_drawing_area();
+        let label_style = label_font
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Left, VPos::Center));
+        for (r, (label, _)) in rows.iter().enumerate() {
+            let y = MARGIN + r as u32 * (ch + GAP) + ch / 2;
+            root.draw_text(label, &label_style, (MARGIN as i32, y as i32))
+                .map_err(|e| anyhow!("drawing label `{label}` of {}: {e}", path.display()))?;
+        }
+        let caption_style = caption_font.color(&BLACK).pos(Pos::new(HPos::Left, VPos::Top));
+        root.draw_text(note, &caption_style, (MARGIN as i32, caption_y as i32))
+            .map_err(|e| anyhow!("drawing the caption of {}: {e}", path.display()))?;
+        root.present()
+            .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    }
+    let img = RgbImage::from_raw(width, height, buf)
+        .with_context(|| format!("assembling {} ({width}x{height})", path.display()))?;
+    write_png(path, &img)
+}
+
+/// Width and height of `text` in `font`, in pixels.
+fn text_size(font: &FontDesc, text: &str) -> Result<(u32, u32)> {
+    font.box_size(text)
+        .map_err(|e| anyhow!("measuring the text `{text}`: {e}"))
+}
+
+/// Encodes `img` as PNG and writes it atomically.
+fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageOutputFormat::Png)
+        .with_context(|| format!("encoding {}", path.display()))?;
+    write_atomic(path, &bytes)
+}

@@ -1,0 +1,232 @@
+//! `mimscope inspect`: what a checkpoint holds, without running it.
+//!
+//! The report names the file, its training step (metadata `step`, when present), every field of
+//! the stored [`ModelConfig`], the number of scalars per part of the model (MAE state-dict
+//! prefixes, see [`Part`]), the trainable total (everything but the frozen sin-cos tables
+//! [`FROZEN`]) and, for MFF, the fused blocks with their softmax weights.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+
+use crate::checkpoint;
+use crate::config::{Fusion as FusionKind, ModelConfig};
+use crate::model::params::FROZEN;
+use crate::model::ParamStore;
+
+/// A part of the model, by the MAE state-dict name of its tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Part {
+    /// `patch_embed.*`
+    PatchEmbed,
+    /// `cls_token`, `pos_embed`
+    ClsPos,
+    /// `blocks.*`
+    Blocks,
+    /// `norm.*` (the encoder's final norm)
+    Norm,
+    /// MFF `proj_layers.*`
+    ProjLayers,
+    /// MFF `proj_weights`
+    ProjWeights,
+    /// MFF attention fusion `fusion_attn.*`
+    FusionAttn,
+    /// `decoder_*` and `mask_token`
+    Decoder,
+    /// Anything else (none in a valid checkpoint; listed so that the parts always add up).
+    Other,
+}
+
+impl Part {
+    /// The part a tensor belongs to.
+    pub fn of(name: &str) -> Part {
+        let head = name.split('.').next().unwrap_or(name);
+        match head {
+            "patch_embed" => Part::PatchEmbed,
+            "cls_token" | "pos_embed" => Part::ClsPos,
+            "blocks" => Part::Blocks,
+            "norm" => Part::Norm,
+            "proj_layers" => Part::ProjLayers,
+            "proj_weights" => Part::ProjWeights,
+            "fusion_attn" => Part::FusionAttn,
+            "mask_token" => Part::Decoder,
+            h if h.starts_with("decoder_") => Part::Decoder,
+            _ => Part::Other,
+        }
+    }
+}
+
+/// Scalar counts of one model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamCounts {
+    pub per_part: BTreeMap<Part, usize>,
+    /// Every tensor except [`FROZEN`].
+    pub trainable: usize,
+    pub total: usize,
+}
+
+impl ParamCounts {
+    pub fn of(store: &ParamStore) -> ParamCounts {
+        let mut per_part = BTreeMap::new();
+        let (mut trainable, mut total) = (0, 0);
+        for (name, t) in store.tensors() {
+            let n = t.elem_count();
+            *per_part.entry(Part::of(&name)).or_insert(0) += n;
+            total += n;
+            if !FROZEN.contains(&name.as_str()) {
+                trainable += n;
+            }
+        }
+        ParamCounts {
+            per_part,
+            trainable,
+            total,
+        }
+    }
+
+    pub fn part(&self, p: Part) -> usize {
+        self.per_part.get(&p).copied().unwrap_or(0)
+    }
+
+    /// proj_layers + proj_weights + fusion_attn.
+    pub fn fusion(&self) -> usize {
+        self.part(Part::ProjLayers) + self.part(Part::ProjWeights) + self.part(Part::FusionAttn)
+    }
+}
+
+/// `12345678` -> `12,345,678`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// Every config field, one `name = value` line each, in declaration order.
+fn config_lines(cfg: &ModelConfig) -> Vec<(&'static str, String)> {
+    // Destructured without `..`: a new config field fails to compile here until it is shown.
+    let ModelConfig {
+        img_size,
+        patch_size,
+        in_chans,
+        embed_dim,
+        depth,
+        num_heads,
+        decoder_embed_dim,
+        decoder_depth,
+        decoder_num_heads,
+        mlp_ratio,
+        norm_pix_loss,
+        fuse_layers,
+        projection,
+        fusion,
+    } = cfg;
+    vec![
+        ("img_size", img_size.to_string()),
+        ("patch_size", patch_size.to_string()),
+        ("in_chans", in_chans.to_string()),
+        ("embed_dim", embed_dim.to_string()),
+        ("depth", depth.to_string()),
+        ("num_heads", num_heads.to_string()),
+        ("decoder_embed_dim", decoder_embed_dim.to_string()),
+        ("decoder_depth", decoder_depth.to_string()),
+        ("decoder_num_heads", decoder_num_heads.to_string()),
+        ("mlp_ratio", mlp_ratio.to_string()),
+        ("norm_pix_loss", norm_pix_loss.to_string()),
+        ("fuse_layers", format!("{fuse_layers:?}")),
+        ("projection", format!("{projection:?}").to_lowercase()),
+        ("fusion", format!("{fusion:?}").to_lowercase()),
+    ]
+}
+
+/// The `inspect` report of the checkpoint at `checkpoint` (see the module docs).
+pub fn run(checkpoint: &Path) -> Result<String> {
+    let loaded = checkpoint::load_model(checkpoint, DType::F32, &Device::Cpu)
+        .with_context(|| format!("inspecting {}", checkpoint.display()))?;
+    let cfg = &loaded.model.cfg;
+    let mut r = String::new();
+    writeln!(r, "checkpoint: {}", checkpoint.display())?;
+    match loaded.metadata.get("step") {
+        Some(step) => writeln!(r, "step: {step}")?,
+        None => writeln!(r, "step: (not recorded)")?,
+    }
+    if cfg.is_mff() {
+        writeln!(
+            r,
+            "model: MFF-MAE ({} fusion, {} projection)",
+            format!("{:?}", cfg.fusion).to_lowercase(),
+            format!("{:?}", cfg.projection).to_lowercase()
+        )?;
+    } else {
+        writeln!(r, "model: MAE (no fusion)")?;
+    }
+
+    writeln!(r, "\nconfig:")?;
+    for (name, value) in config_lines(cfg) {
+        writeln!(r, "  {name:<18} {value}")?;
+    }
+
+    let c = ParamCounts::of(&loaded.store);
+    let mut rows: Vec<(String, usize)> = vec![
+        ("patch_embed".into(), c.part(Part::PatchEmbed)),
+        ("cls_token + pos_embed".into(), c.part(Part::ClsPos)),
+        (format!("encoder blocks ({})", cfg.depth), c.part(Part::Blocks)),
+        ("final norm".into(), c.part(Part::Norm)),
+    ];
+    if cfg.is_mff() {
+        rows.push((
+            format!(
+                "fusion (proj_layers {}, proj_weights {}, fusion_attn {})",
+                thousands(c.part(Part::ProjLayers)),
+                thousands(c.part(Part::ProjWeights)),
+                thousands(c.part(Part::FusionAttn))
+            ),
+            c.fusion(),
+        ));
+    }
+    rows.push((
+        format!("decoder ({} blocks, mask_token, decoder_pos_embed)", cfg.decoder_depth),
+        c.part(Part::Decoder),
+    ));
+    if c.part(Part::Other) > 0 {
+        rows.push(("other".into(), c.part(Part::Other)));
+    }
+    rows.push((
+        format!("total trainable (excludes frozen {})", FROZEN.join(", ")),
+        c.trainable,
+    ));
+    rows.push(("total".into(), c.total));
+    writeln!(r, "\nparameters (scalars):")?;
+    let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    for (name, n) in &rows {
+        writeln!(r, "  {name:<width$} {:>14}", thousands(*n))?;
+    }
+    writeln!(r)?;
+    match loaded.model.fusion() {
+        None => writeln!(r, "fusion: MAE (no fusion)")?,
+        Some(f) => match f.weights()? {
+            None => {
+                debug_assert_eq!(cfg.fusion, FusionKind::Attention);
+                writeln!(r, "fused blocks (0-based): {:?}", cfg.fused_blocks())?;
+                writeln!(r, "attention fusion: no scalar weights")?;
+            }
+            Some(w) => {
+                let w = w.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                writeln!(r, "fused blocks (0-based) and softmax weights:")?;
+                for (block, weight) in cfg.fused_blocks().iter().zip(&w) {
+                    let last = if *block + 1 == cfg.depth { " (last)" } else { "" };
+                    writeln!(r, "  block {block:>3}{last:<7} {weight:.6}")?;
+                }
+            }
+        },
+    }
+    Ok(r)
+}
