@@ -27,8 +27,16 @@ fn main() {
     files.sort();
     let mut src = String::from("/// (path under assets/data, PNG bytes), sorted by path.\npub static BUNDLED: &[(&str, &[u8])] = &[\n");
     for f in &files {
-        let rel = f.strip_prefix(&data).unwrap_or(f).to_string_lossy().replace('\\', "/");
-        let _ = writeln!(src, "    ({rel:?}, include_bytes!({:?})),", f.display().to_string());
+        let rel = f
+            .strip_prefix(&data)
+            .unwrap_or(f)
+            .to_string_lossy()
+            .replace('\\', "/");
+        let _ = writeln!(
+            src,
+            "    ({rel:?}, include_bytes!({:?})),",
+            f.display().to_string()
+        );
     }
     src.push_str("];\n");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap_or_default()).join("bundled.rs");

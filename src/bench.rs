@@ -32,9 +32,18 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs the benchmark and returns the report lines.
 pub fn run(cfg: &ModelConfig, batch: usize, iters: usize, device: &Device) -> Result<Vec<String>> {
-    anyhow::ensure!(batch > 0 && iters > 0, "--batch-size and --iters must be positive");
+    anyhow::ensure!(
+        batch > 0 && iters > 0,
+        "--batch-size and --iters must be positive"
+    );
     let (model, store) = Mae::init(cfg, 0, DType::F32, device)?;
-    let mut opt = AdamW::new(store.trainable(), 0.05, DecayRule { decay_fusion_weights: true })?;
+    let mut opt = AdamW::new(
+        store.trainable(),
+        0.05,
+        DecayRule {
+            decay_fusion_weights: true,
+        },
+    )?;
     let s = cfg.img_size;
     let mut rng = stream(0, Purpose::Synthetic, 0);
     let pixels: Vec<f32> = (0..batch * 3 * s * s)
@@ -58,7 +67,11 @@ pub fn run(cfg: &ModelConfig, batch: usize, iters: usize, device: &Device) -> Re
     for i in 0..=iters {
         let t0 = Instant::now();
         let trace = model.forward_encoder_unmasked(&imgs)?;
-        trace.latent.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        trace
+            .latent
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
         if i > 0 {
             fwd.push(t0.elapsed().as_secs_f64());
         }
@@ -67,7 +80,10 @@ pub fn run(cfg: &ModelConfig, batch: usize, iters: usize, device: &Device) -> Re
     Ok(vec![
         format!("model={}", if cfg.is_mff() { "mff" } else { "mae" }),
         format!("batch_size={batch}"),
-        format!("threads={}", std::thread::available_parallelism().map_or(1, |n| n.get())),
+        format!(
+            "threads={}",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
         format!("train_step_s={t:.4}"),
         format!("train_images_per_s={:.2}", batch as f64 / t),
         format!("forward_s={f:.4}"),

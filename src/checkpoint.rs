@@ -29,14 +29,22 @@ pub struct TensorFile {
 
 /// Writes `bytes` to `path` atomically: temporary file in the same folder, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = std::fs::File::create(&tmp)
         .with_context(|| format!("creating {} (is the folder writable?)", tmp.display()))?;
-    f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", tmp.display()))?;
     drop(f);
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
@@ -54,7 +62,14 @@ pub fn save_tensors(
 ) -> Result<()> {
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?)))
+        .map(|(k, t)| {
+            Ok((
+                k.clone(),
+                t.to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .contiguous()?,
+            ))
+        })
         .collect::<candle_core::Result<_>>()?;
     let bytes = safetensors::serialize(cpu.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
         .with_context(|| format!("serialising {}", path.display()))?;
@@ -64,7 +79,10 @@ pub fn save_tensors(
 /// Reads a safetensors file; every tensor is converted to `dtype` on `device`.
 pub fn load_tensors(path: &Path, dtype: DType, device: &Device) -> Result<TensorFile> {
     let bytes = std::fs::read(path).with_context(|| {
-        format!("reading checkpoint {} (does the file exist?)", path.display())
+        format!(
+            "reading checkpoint {} (does the file exist?)",
+            path.display()
+        )
     })?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| {
         format!(
@@ -158,4 +176,3 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<u64>> {
     }
     Ok(best)
 }
-

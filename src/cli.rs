@@ -20,6 +20,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Pre-train an MAE or MFF-MAE model, or resume a run.
@@ -126,8 +128,18 @@ impl ModelArgs {
         macro_rules! over {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
         }
-        over!(img_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth,
-              decoder_num_heads, mlp_ratio, norm_pix_loss);
+        over!(
+            img_size,
+            patch_size,
+            embed_dim,
+            depth,
+            num_heads,
+            decoder_embed_dim,
+            decoder_depth,
+            decoder_num_heads,
+            mlp_ratio,
+            norm_pix_loss
+        );
         match self.model {
             ModelKind::Mae => {
                 if self.fuse_layers.is_some() {
@@ -301,4 +313,61 @@ pub struct BenchModel {
     pub model: ModelKind,
     #[arg(long, value_enum, default_value = "tiny")]
     pub preset: Preset,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> TrainArgs {
+        let mut full = vec!["mimscope", "train", "--out", "x"];
+        full.extend_from_slice(args);
+        match Cli::parse_from(full).command {
+            Command::Train(t) => t,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn mff_without_shallow_layers_is_mae() {
+        let mae = parse(&["--model", "mae"]).resolve(100).unwrap();
+        let mff = parse(&["--model", "mff", "--fuse-layers", "none"])
+            .resolve(100)
+            .unwrap();
+        assert_eq!(mae.model, mff.model);
+        assert!(!mff.model.is_mff());
+    }
+
+    #[test]
+    fn defaults_and_derived_values() {
+        let c = parse(&["--model", "mff"]).resolve(1000).unwrap();
+        assert_eq!(c.model.fuse_layers, vec![0, 2, 4, 6, 8]);
+        assert_eq!(c.augment, Augment::Pixmim);
+        assert_eq!(c.steps, 200);
+        assert_eq!(c.warmup_steps, 20);
+        assert!((c.lr - 1.5e-4 * 64.0 / 256.0).abs() < 1e-15);
+        // 1000 images / batch 64 = 15 steps per epoch (drop_last).
+        let c = parse(&["--epochs", "2", "--warmup-epochs", "1"])
+            .resolve(1000)
+            .unwrap();
+        assert_eq!((c.steps, c.warmup_steps), (30, 15));
+        let c = parse(&[
+            "--embed-dim",
+            "96",
+            "--depth",
+            "4",
+            "--norm-pix-loss",
+            "false",
+        ])
+        .resolve(10)
+        .unwrap();
+        assert_eq!(
+            (c.model.embed_dim, c.model.depth, c.model.norm_pix_loss),
+            (96, 4, false)
+        );
+        assert!(parse(&["--model", "mae", "--fuse-layers", "0"])
+            .resolve(10)
+            .is_err());
+        assert!(parse(&["--warmup-steps", "300"]).resolve(10).is_err());
+    }
 }

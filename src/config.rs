@@ -227,28 +227,28 @@ impl ModelConfig {
                 bail!("config: {name} must be positive, got 0");
             }
         }
-        if c.img_size % c.patch_size != 0 {
+        if !c.img_size.is_multiple_of(c.patch_size) {
             bail!(
                 "config: img_size {} is not a multiple of patch_size {}",
                 c.img_size,
                 c.patch_size
             );
         }
-        if c.embed_dim % c.num_heads != 0 {
+        if !c.embed_dim.is_multiple_of(c.num_heads) {
             bail!(
                 "config: embed_dim {} is not divisible by num_heads {}",
                 c.embed_dim,
                 c.num_heads
             );
         }
-        if c.decoder_embed_dim % c.decoder_num_heads != 0 {
+        if !c.decoder_embed_dim.is_multiple_of(c.decoder_num_heads) {
             bail!(
                 "config: decoder_embed_dim {} is not divisible by decoder_num_heads {}",
                 c.decoder_embed_dim,
                 c.decoder_num_heads
             );
         }
-        if c.embed_dim % 4 != 0 || c.decoder_embed_dim % 4 != 0 {
+        if !c.embed_dim.is_multiple_of(4) || !c.decoder_embed_dim.is_multiple_of(4) {
             bail!(
                 "config: embed_dim {} and decoder_embed_dim {} must be multiples of 4 (2-D sin-cos \
                  position tables)",
@@ -287,8 +287,9 @@ impl ModelConfig {
 
     /// Parses and validates a checkpoint's `config` JSON.
     pub fn from_json(s: &str) -> Result<Self> {
-        let cfg: ModelConfig = serde_json::from_str(s)
-            .map_err(|e| anyhow::anyhow!("checkpoint config JSON is not a mimscope/MAE config: {e}"))?;
+        let cfg: ModelConfig = serde_json::from_str(s).map_err(|e| {
+            anyhow::anyhow!("checkpoint config JSON is not a mimscope/MAE config: {e}")
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -320,7 +321,8 @@ mod tests {
         let back = ModelConfig::from_json(&c.to_json().unwrap()).unwrap();
         assert_eq!(back, c);
         // Missing fields take MAE's constructor defaults.
-        let m = ModelConfig::from_json(r#"{"embed_dim": 768, "depth": 12, "num_heads": 12}"#).unwrap();
+        let m =
+            ModelConfig::from_json(r#"{"embed_dim": 768, "depth": 12, "num_heads": 12}"#).unwrap();
         assert_eq!(m.img_size, 224);
         assert_eq!(m.decoder_embed_dim, 512);
         assert!(!m.is_mff());
@@ -333,7 +335,10 @@ mod tests {
         let mut c = Preset::Tiny.config();
         c.fuse_layers = vec![11];
         assert!(format!("{:#}", c.validate().unwrap_err()).contains("fuse_layers"));
-        let c = ModelConfig { patch_size: 5, ..Preset::Tiny.config() };
+        let c = ModelConfig {
+            patch_size: 5,
+            ..Preset::Tiny.config()
+        };
         assert!(format!("{:#}", c.validate().unwrap_err()).contains("patch_size"));
     }
 }
@@ -381,7 +386,10 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         if self.model.in_chans != 3 {
-            bail!("config: training reads RGB images, so in_chans must be 3 (got {})", self.model.in_chans);
+            bail!(
+                "config: training reads RGB images, so in_chans must be 3 (got {})",
+                self.model.in_chans
+            );
         }
         if self.batch_size == 0 {
             bail!("--batch-size must be positive");
@@ -390,7 +398,11 @@ impl TrainConfig {
             bail!("the run has 0 steps; give --steps N or --epochs E with a positive value");
         }
         if self.warmup_steps > self.steps {
-            bail!("--warmup-steps {} exceeds the run's {} steps", self.warmup_steps, self.steps);
+            bail!(
+                "--warmup-steps {} exceeds the run's {} steps",
+                self.warmup_steps,
+                self.steps
+            );
         }
         if !(self.blr.is_finite() && self.blr > 0.0) {
             bail!("--blr must be a positive number, got {}", self.blr);

@@ -44,7 +44,9 @@ const PIXMIM_PAD: u32 = 4;
 const SKIP_REPORT_LIMIT: usize = 10;
 
 /// Augmentation of training images.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Augment {
     /// RandomResizedCrop (scale 0.2..1, ratio 3/4..4/3, bicubic) and a horizontal flip, as MAE.
@@ -73,7 +75,10 @@ pub fn find_images(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
     for entry in walkdir::WalkDir::new(dir).follow_links(true) {
         let entry = entry.with_context(|| {
-            format!("cannot scan image folder {}; check its permissions", dir.display())
+            format!(
+                "cannot scan image folder {}; check its permissions",
+                dir.display()
+            )
         })?;
         if entry.file_type().is_file() && is_image_path(entry.path()) {
             paths.push(entry.into_path());
@@ -104,15 +109,20 @@ fn read_dimensions(path: &Path) -> Result<(u32, u32)> {
 
 /// Decodes `path` to RGB8 (grey is replicated, alpha dropped, 16-bit reduced to 8-bit).
 fn decode_rgb(path: &Path) -> Result<RgbImage> {
-    let img = reader(path)?
-        .decode()
-        .with_context(|| format!("cannot decode {}; the file may be truncated or corrupt", path.display()))?;
+    let img = reader(path)?.decode().with_context(|| {
+        format!(
+            "cannot decode {}; the file may be truncated or corrupt",
+            path.display()
+        )
+    })?;
     Ok(img.into_rgb8())
 }
 
 /// Number of worker threads for decoding and augmentation.
 fn worker_count(jobs: usize) -> usize {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     cores.min(jobs).max(1)
 }
 
@@ -140,7 +150,11 @@ fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
 }
 
 /// Fills consecutive `per`-sized chunks of `out` with `f(chunk index, chunk)` on worker threads.
-fn parallel_fill(out: &mut [f32], per: usize, f: impl Fn(usize, &mut [f32]) -> Result<()> + Sync) -> Result<()> {
+fn parallel_fill(
+    out: &mut [f32],
+    per: usize,
+    f: impl Fn(usize, &mut [f32]) -> Result<()> + Sync,
+) -> Result<()> {
     let n = out.len() / per.max(1);
     let threads = worker_count(n);
     let per_thread = n.div_ceil(threads).max(1);
@@ -325,7 +339,10 @@ impl Dataset {
     pub fn image(&self, i: usize) -> Result<RgbImage> {
         let n = self.len();
         if i >= n {
-            bail!("image index {i} is out of range for the {n} images of {}", self.dir.display());
+            bail!(
+                "image index {i} is out of range for the {n} images of {}",
+                self.dir.display()
+            );
         }
         if let Some(images) = &self.images {
             return Ok(images[i].clone());
@@ -394,12 +411,21 @@ impl Dataset {
     /// `sample_index(step*B + j)`, augmented with the stream
     /// `rng::stream(seed, Purpose::Augment, step*B + j)` (one stream per sample, so the result
     /// does not depend on batch composition or threads).
-    pub fn train_batch(&self, step: u64, batch_size: usize, size: u32, augment: Augment, seed: u64) -> Result<Vec<f32>> {
+    pub fn train_batch(
+        &self,
+        step: u64,
+        batch_size: usize,
+        size: u32,
+        augment: Augment,
+        seed: u64,
+    ) -> Result<Vec<f32>> {
         if size == 0 || batch_size == 0 {
             bail!("training batches need a positive image size and batch size (got size {size}, batch {batch_size})");
         }
         let first = step * batch_size as u64;
-        let indices: Vec<usize> = (0..batch_size as u64).map(|j| self.sample_index(first + j, seed)).collect();
+        let indices: Vec<usize> = (0..batch_size as u64)
+            .map(|j| self.sample_index(first + j, seed))
+            .collect();
         let per = 3 * (size as usize) * (size as usize);
         let mut out = vec![0f32; batch_size * per];
         parallel_fill(&mut out, per, |j, chunk| {
@@ -516,9 +542,15 @@ fn resize_exact(img: &RgbImage, w: u32, h: u32) -> RgbImage {
 pub fn resize_shorter_side(img: &RgbImage, size: u32) -> RgbImage {
     let (w, h) = img.dimensions();
     let (nw, nh) = if w <= h {
-        (size, ((f64::from(h) * f64::from(size) / f64::from(w)).round() as u32).max(size))
+        (
+            size,
+            ((f64::from(h) * f64::from(size) / f64::from(w)).round() as u32).max(size),
+        )
     } else {
-        (((f64::from(w) * f64::from(size) / f64::from(h)).round() as u32).max(size), size)
+        (
+            ((f64::from(w) * f64::from(size) / f64::from(h)).round() as u32).max(size),
+            size,
+        )
     };
     resize_exact(img, nw, nh)
 }
@@ -570,7 +602,13 @@ pub fn resize_center_crop(img: &RgbImage, size: u32) -> RgbImage {
 /// ImageNet statistics. `out` must hold exactly `3 * W * H` values.
 pub fn normalize_chw(img: &RgbImage, out: &mut [f32]) {
     let plane = (img.width() as usize) * (img.height() as usize);
-    assert_eq!(out.len(), 3 * plane, "normalize_chw: output holds {} values, the image needs {}", out.len(), 3 * plane);
+    assert_eq!(
+        out.len(),
+        3 * plane,
+        "normalize_chw: output holds {} values, the image needs {}",
+        out.len(),
+        3 * plane
+    );
     for (i, px) in img.pixels().enumerate() {
         for c in 0..3 {
             out[c * plane + i] = (f32::from(px[c]) / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
@@ -584,7 +622,13 @@ mod tests {
     use image::Rgb;
 
     fn gradient(w: u32, h: u32) -> RgbImage {
-        RgbImage::from_fn(w, h, |x, y| Rgb([(x * 7 % 256) as u8, (y * 5 % 256) as u8, ((x + y) % 256) as u8]))
+        RgbImage::from_fn(w, h, |x, y| {
+            Rgb([
+                (x * 7 % 256) as u8,
+                (y * 5 % 256) as u8,
+                ((x + y) % 256) as u8,
+            ])
+        })
     }
 
     #[test]
@@ -620,10 +664,23 @@ mod tests {
     fn normalize_known_pixel() {
         // Pixel (255, 0, 128): R = (1 - 0.485) / 0.229 = 2.2489083, G = -0.456 / 0.224 = -2.0357143,
         // B = (128/255 - 0.406) / 0.225 = (0.50196078 - 0.406) / 0.225 = 0.42649235.
-        let img = RgbImage::from_fn(2, 1, |x, _| if x == 0 { Rgb([255, 0, 128]) } else { Rgb([0, 0, 0]) });
+        let img = RgbImage::from_fn(2, 1, |x, _| {
+            if x == 0 {
+                Rgb([255, 0, 128])
+            } else {
+                Rgb([0, 0, 0])
+            }
+        });
         let mut out = vec![0f32; 6];
         normalize_chw(&img, &mut out);
-        let expected = [2.2489083, -0.485 / 0.229, -2.0357143, -2.0357143, 0.42649235, -0.406 / 0.225];
+        let expected = [
+            2.2489083,
+            -0.485 / 0.229,
+            -2.0357143,
+            -2.0357143,
+            0.42649235,
+            -0.406 / 0.225,
+        ];
         for (a, e) in out.iter().zip(expected) {
             assert!((a - e).abs() < 1e-5, "{out:?} vs {expected:?}");
         }
@@ -635,10 +692,16 @@ mod tests {
             for seed in 0..500 {
                 let mut r = rng::stream(seed, Purpose::Augment, 0);
                 let (left, top, cw, ch) = rrc_params(w, h, &mut r);
-                assert!(cw > 0 && ch > 0 && left + cw <= w && top + ch <= h, "{w}x{h}: {left},{top},{cw},{ch}");
+                assert!(
+                    cw > 0 && ch > 0 && left + cw <= w && top + ch <= h,
+                    "{w}x{h}: {left},{top},{cw},{ch}"
+                );
                 let aspect = f64::from(cw) / f64::from(ch);
                 // Rounding w and h to integers moves the aspect by at most ~1/min side.
-                assert!((0.75 - 0.01..=4.0 / 3.0 + 0.01).contains(&aspect), "aspect {aspect}");
+                assert!(
+                    (0.75 - 0.01..=4.0 / 3.0 + 0.01).contains(&aspect),
+                    "aspect {aspect}"
+                );
                 let frac = f64::from(cw) * f64::from(ch) / (f64::from(w) * f64::from(h));
                 assert!((0.2 - 0.01..=1.0).contains(&frac), "area fraction {frac}");
             }
@@ -662,7 +725,10 @@ mod tests {
             let mut r = rng::stream(seed, Purpose::Augment, 0);
             assert_eq!(random_resized_crop(&img, 32, &mut r).dimensions(), (32, 32));
             assert_eq!(pixmim_crop(&img, 32, &mut r).dimensions(), (32, 32));
-            assert_eq!(augment_image(&img, 16, Augment::Pixmim, &mut r).dimensions(), (16, 16));
+            assert_eq!(
+                augment_image(&img, 16, Augment::Pixmim, &mut r).dimensions(),
+                (16, 16)
+            );
         }
     }
 
@@ -675,8 +741,13 @@ mod tests {
         for seed in 0..20 {
             let mut r = rng::stream(seed, Purpose::Augment, 0);
             let crop = pixmim_crop(&img, 16, &mut r);
-            let found = (0..=8).any(|t| (0..=8).any(|l| imageops::crop_imm(&padded, l, t, 16, 16).to_image() == crop));
-            assert!(found, "seed {seed}: crop is not a window of the padded image");
+            let found = (0..=8).any(|t| {
+                (0..=8).any(|l| imageops::crop_imm(&padded, l, t, 16, 16).to_image() == crop)
+            });
+            assert!(
+                found,
+                "seed {seed}: crop is not a window of the padded image"
+            );
         }
     }
 
@@ -686,9 +757,15 @@ mod tests {
         for size in [8u32, 32, 64, 71, 100] {
             let out = resize_center_crop(&img, size);
             assert_eq!(out.dimensions(), (size, size));
-            assert!(out.pixels().all(|p| *p == Rgb([37, 200, 129])), "size {size} changed a constant image");
+            assert!(
+                out.pixels().all(|p| *p == Rgb([37, 200, 129])),
+                "size {size} changed a constant image"
+            );
         }
-        assert_eq!(resize_center_crop(&gradient(40, 90), 24).dimensions(), (24, 24));
+        assert_eq!(
+            resize_center_crop(&gradient(40, 90), 24).dimensions(),
+            (24, 24)
+        );
     }
 
     #[test]
@@ -699,11 +776,20 @@ mod tests {
         assert_eq!(out, imageops::crop_imm(&img, 2, 0, 15, 15).to_image());
         // 21x15: round(6 / 2) = 3.
         let img = gradient(21, 15);
-        assert_eq!(resize_center_crop(&img, 15), imageops::crop_imm(&img, 3, 0, 15, 15).to_image());
+        assert_eq!(
+            resize_center_crop(&img, 15),
+            imageops::crop_imm(&img, 3, 0, 15, 15).to_image()
+        );
     }
 
     fn write_png(path: &Path, w: u32, h: u32, seed: u8) {
-        let img = RgbImage::from_fn(w, h, |x, y| Rgb([(x as u8).wrapping_mul(seed), (y as u8).wrapping_add(seed), seed]));
+        let img = RgbImage::from_fn(w, h, |x, y| {
+            Rgb([
+                (x as u8).wrapping_mul(seed),
+                (y as u8).wrapping_add(seed),
+                seed,
+            ])
+        });
         img.save(path).unwrap();
     }
 
@@ -729,7 +815,12 @@ mod tests {
         let names: Vec<String> = ds
             .paths()
             .iter()
-            .map(|p| p.strip_prefix(dir.path()).unwrap().to_string_lossy().replace('\\', "/"))
+            .map(|p| {
+                p.strip_prefix(dir.path())
+                    .unwrap()
+                    .to_string_lossy()
+                    .replace('\\', "/")
+            })
             .collect();
         assert_eq!(names, vec!["a.png", "c.jpg", "class1/b.PNG"]);
         assert_eq!(ds.image(0).unwrap().dimensions(), (40, 30));
@@ -749,7 +840,10 @@ mod tests {
         // Only unreadable files: still an error naming the folder.
         std::fs::write(dir.path().join("x.jpg"), b"garbage").unwrap();
         let err = format!("{:#}", Dataset::open(dir.path()).unwrap_err());
-        assert!(err.contains(&dir.path().display().to_string()) && err.contains("1 unreadable"), "{err}");
+        assert!(
+            err.contains(&dir.path().display().to_string()) && err.contains("1 unreadable"),
+            "{err}"
+        );
     }
 
     /// A PNG whose header is intact but whose pixel data is cut off.
@@ -791,7 +885,9 @@ mod tests {
         let n = ds.len() as u64;
         for seed in 0..10 {
             for pass in 0..4 {
-                let mut seen: Vec<usize> = (pass * n..(pass + 1) * n).map(|k| ds.sample_index(k, seed)).collect();
+                let mut seen: Vec<usize> = (pass * n..(pass + 1) * n)
+                    .map(|k| ds.sample_index(k, seed))
+                    .collect();
                 seen.sort();
                 assert_eq!(seen, vec![0, 1, 2]);
             }
@@ -850,13 +946,22 @@ mod tests {
         let one = ds.eval_batch(1, 20).unwrap();
         assert_eq!(&all[..per], &one[..]);
         let mut expected = vec![0f32; per];
-        normalize_chw(&resize_center_crop(&ds.image(1).unwrap(), 20), &mut expected);
+        normalize_chw(
+            &resize_center_crop(&ds.image(1).unwrap(), 20),
+            &mut expected,
+        );
         assert_eq!(&all[per..2 * per], &expected[..]);
     }
 
     #[test]
     fn augment_serde_names() {
-        assert_eq!(serde_json::to_string(&Augment::Pixmim).unwrap(), "\"pixmim\"");
-        assert_eq!(serde_json::from_str::<Augment>("\"mae\"").unwrap(), Augment::Mae);
+        assert_eq!(
+            serde_json::to_string(&Augment::Pixmim).unwrap(),
+            "\"pixmim\""
+        );
+        assert_eq!(
+            serde_json::from_str::<Augment>("\"mae\"").unwrap(),
+            Augment::Mae
+        );
     }
 }

@@ -49,13 +49,20 @@ const CAPTION_SIZE: f64 = 14.0;
 /// Writes a PNG grid to `path`: one row per entry of `rows` (label at the left, then its images,
 /// one column per image, each upscaled with nearest neighbour to at least ~96 px), and `note` as
 /// a caption line at the bottom. Every row must hold the same number of images, all of one size.
-pub fn reconstruction_figure(path: &Path, rows: &[(&str, Vec<RgbImage>)], note: &str) -> Result<()> {
+pub fn reconstruction_figure(
+    path: &Path,
+    rows: &[(&str, Vec<RgbImage>)],
+    note: &str,
+) -> Result<()> {
     register_font()?;
     let Some((_, first)) = rows.first() else {
         bail!("reconstruction figure {}: no rows to draw", path.display());
     };
     let Some(sample) = first.first() else {
-        bail!("reconstruction figure {}: no images to draw", path.display());
+        bail!(
+            "reconstruction figure {}: no images to draw",
+            path.display()
+        );
     };
     let (iw, ih) = sample.dimensions();
     let cols = first.len() as u32;
@@ -115,7 +122,9 @@ pub fn reconstruction_figure(path: &Path, rows: &[(&str, Vec<RgbImage>)], note: 
             root.draw_text(label, &label_style, (MARGIN as i32, y as i32))
                 .map_err(|e| anyhow!("drawing label `{label}` of {}: {e}", path.display()))?;
         }
-        let caption_style = caption_font.color(&BLACK).pos(Pos::new(HPos::Left, VPos::Top));
+        let caption_style = caption_font
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Left, VPos::Top));
         root.draw_text(note, &caption_style, (MARGIN as i32, caption_y as i32))
             .map_err(|e| anyhow!("drawing the caption of {}: {e}", path.display()))?;
         root.present()
@@ -135,7 +144,68 @@ fn text_size(font: &FontDesc, text: &str) -> Result<(u32, u32)> {
 /// Encodes `img` as PNG and writes it atomically.
 fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageOutputFormat::Png)
-        .with_context(|| format!("encoding {}", path.display()))?;
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageOutputFormat::Png,
+    )
+    .with_context(|| format!("encoding {}", path.display()))?;
     write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::Rgb;
+
+    fn solid(w: u32, h: u32, c: [u8; 3]) -> RgbImage {
+        RgbImage::from_pixel(w, h, Rgb(c))
+    }
+
+    #[test]
+    fn grid_has_a_cell_per_image_and_text() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("fig.png");
+        let rows = vec![
+            (
+                "original",
+                vec![solid(16, 16, [255, 0, 0]), solid(16, 16, [0, 255, 0])],
+            ),
+            (
+                "masked",
+                vec![solid(16, 16, [0, 0, 255]), solid(16, 16, [128, 128, 128])],
+            ),
+        ];
+        reconstruction_figure(&path, &rows, "a caption").unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        // 16 px images are upscaled 6x to 96 px cells.
+        assert!(img.width() >= 2 * 96 + GAP && img.height() >= 2 * 96 + GAP);
+        let (w, h) = img.dimensions();
+        // The bottom-right cell is the grey image, nearest-upscaled (uniform).
+        let x = w - MARGIN - 96;
+        let y = MARGIN + 96 + GAP;
+        assert_eq!(img.get_pixel(x, y), &Rgb([128, 128, 128]));
+        assert_eq!(img.get_pixel(x + 95, y + 95), &Rgb([128, 128, 128]));
+        assert_eq!(img.get_pixel(x - GAP - 1, y - GAP - 1), &Rgb([255, 0, 0]));
+        // Labels and caption put dark pixels in the left column and the bottom band.
+        let dark = |x0: u32, x1: u32, y0: u32, y1: u32| {
+            (x0..x1)
+                .flat_map(|x| (y0..y1).map(move |y| (x, y)))
+                .any(|(x, y)| img.get_pixel(x, y)[0] < 100 && img.get_pixel(x, y)[1] < 100)
+        };
+        assert!(dark(0, MARGIN + 40, MARGIN, MARGIN + 96), "no label text");
+        assert!(dark(0, w, MARGIN + 2 * 96 + GAP, h), "no caption text");
+    }
+
+    #[test]
+    fn ragged_rows_are_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rows = vec![
+            ("a", vec![solid(8, 8, [0; 3]), solid(8, 8, [0; 3])]),
+            ("b", vec![solid(8, 8, [0; 3])]),
+        ];
+        let e = reconstruction_figure(&tmp.path().join("f.png"), &rows, "").unwrap_err();
+        assert!(format!("{e:#}").contains("row `b`"), "{e:#}");
+        let e = reconstruction_figure(&tmp.path().join("f.png"), &[], "").unwrap_err();
+        assert!(format!("{e:#}").contains("no rows"), "{e:#}");
+    }
 }

@@ -102,7 +102,7 @@ fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -178,22 +178,29 @@ pub fn run(checkpoint: &Path) -> Result<String> {
     let mut rows: Vec<(String, usize)> = vec![
         ("patch_embed".into(), c.part(Part::PatchEmbed)),
         ("cls_token + pos_embed".into(), c.part(Part::ClsPos)),
-        (format!("encoder blocks ({})", cfg.depth), c.part(Part::Blocks)),
+        (
+            format!("encoder blocks ({})", cfg.depth),
+            c.part(Part::Blocks),
+        ),
         ("final norm".into(), c.part(Part::Norm)),
     ];
     if cfg.is_mff() {
-        rows.push((
-            format!(
-                "fusion (proj_layers {}, proj_weights {}, fusion_attn {})",
-                thousands(c.part(Part::ProjLayers)),
-                thousands(c.part(Part::ProjWeights)),
-                thousands(c.part(Part::FusionAttn))
-            ),
-            c.fusion(),
-        ));
+        let pieces: Vec<String> = [
+            ("proj_layers", Part::ProjLayers),
+            ("proj_weights", Part::ProjWeights),
+            ("fusion_attn", Part::FusionAttn),
+        ]
+        .iter()
+        .filter(|(_, p)| c.part(*p) > 0)
+        .map(|(name, p)| format!("{name} {}", thousands(c.part(*p))))
+        .collect();
+        rows.push((format!("fusion ({})", pieces.join(", ")), c.fusion()));
     }
     rows.push((
-        format!("decoder ({} blocks, mask_token, decoder_pos_embed)", cfg.decoder_depth),
+        format!(
+            "decoder ({} blocks, mask_token, decoder_pos_embed)",
+            cfg.decoder_depth
+        ),
         c.part(Part::Decoder),
     ));
     if c.part(Part::Other) > 0 {
@@ -207,7 +214,7 @@ pub fn run(checkpoint: &Path) -> Result<String> {
     writeln!(r, "\nparameters (scalars):")?;
     let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
     for (name, n) in &rows {
-        writeln!(r, "  {name:<width$} {:>14}", thousands(*n))?;
+        writeln!(r, "  {name:<width$} {:>12}", thousands(*n))?;
     }
     writeln!(r)?;
     match loaded.model.fusion() {
@@ -222,11 +229,157 @@ pub fn run(checkpoint: &Path) -> Result<String> {
                 let w = w.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                 writeln!(r, "fused blocks (0-based) and softmax weights:")?;
                 for (block, weight) in cfg.fused_blocks().iter().zip(&w) {
-                    let last = if *block + 1 == cfg.depth { " (last)" } else { "" };
+                    let last = if *block + 1 == cfg.depth {
+                        " (last)"
+                    } else {
+                        ""
+                    };
                     writeln!(r, "  block {block:>3}{last:<7} {weight:.6}")?;
                 }
             }
         },
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Fusion as FusionKind, ModelConfig};
+    use crate::model::Mae;
+    use std::collections::HashMap;
+
+    fn tiny() -> ModelConfig {
+        ModelConfig {
+            img_size: 16,
+            patch_size: 4,
+            embed_dim: 32,
+            depth: 2,
+            num_heads: 2,
+            decoder_embed_dim: 16,
+            decoder_depth: 1,
+            decoder_num_heads: 2,
+            norm_pix_loss: true,
+            ..Default::default()
+        }
+    }
+
+    fn save(
+        dir: &Path,
+        cfg: &ModelConfig,
+        meta: HashMap<String, String>,
+    ) -> (std::path::PathBuf, ParamStore) {
+        let (_, store) = Mae::init(cfg, 0, DType::F32, &Device::Cpu).unwrap();
+        let path = dir.join("m.safetensors");
+        checkpoint::save_weights(&path, cfg, &store, meta).unwrap();
+        (path, store)
+    }
+
+    /// Scalars of one ViT block of width d and MLP width 4d:
+    /// norm1 2d, qkv d*3d+3d, proj d*d+d, norm2 2d, fc1 d*4d+4d, fc2 4d*d+d.
+    fn block(d: usize) -> usize {
+        2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (4 * d * d + 4 * d) + (4 * d * d + d)
+    }
+
+    #[test]
+    fn counts_match_a_hand_count_and_add_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = tiny();
+        let (path, store) = save(tmp.path(), &cfg, HashMap::new());
+        let c = ParamCounts::of(&store);
+        // D 32, Dd 16, p 4, L 16, P 48.
+        assert_eq!(c.part(Part::PatchEmbed), 32 * 48 + 32); // 1568
+        assert_eq!(c.part(Part::ClsPos), 32 + 17 * 32); // 576
+        assert_eq!(block(32), 12704);
+        assert_eq!(c.part(Part::Blocks), 2 * 12704);
+        assert_eq!(c.part(Part::Norm), 64);
+        // decoder_embed 32*16+16, mask_token 16, decoder_pos_embed 17*16, one block,
+        // decoder_norm 32, decoder_pred 16*48+48.
+        assert_eq!(c.part(Part::Decoder), 528 + 16 + 272 + block(16) + 32 + 816); // 4944
+        assert_eq!(c.fusion(), 0);
+        assert_eq!(c.part(Part::Other), 0);
+        assert_eq!(c.total, 32560);
+        assert_eq!(c.per_part.values().sum::<usize>(), c.total);
+        assert_eq!(c.trainable, 32560 - 17 * 32 - 17 * 16);
+
+        let report = run(&path).unwrap();
+        assert!(report.contains(&path.display().to_string()));
+        assert!(report.contains("MAE (no fusion)"), "{report}");
+        assert!(report.contains("step: (not recorded)"), "{report}");
+        assert!(report.contains("32,560"), "{report}");
+        assert!(report.contains("31,744"), "{report}");
+        for field in [
+            "img_size",
+            "patch_size",
+            "decoder_num_heads",
+            "norm_pix_loss",
+            "fuse_layers",
+            "fusion",
+        ] {
+            assert!(report.contains(field), "missing {field}: {report}");
+        }
+    }
+
+    #[test]
+    fn fresh_mff_weights_are_uniform() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = ModelConfig {
+            depth: 3,
+            fuse_layers: vec![0, 1],
+            ..tiny()
+        };
+        let meta = HashMap::from([("step".to_string(), "42".to_string())]);
+        let (path, store) = save(tmp.path(), &cfg, meta);
+        let c = ParamCounts::of(&store);
+        assert_eq!(c.part(Part::ProjLayers), 2 * (32 * 32 + 32));
+        assert_eq!(c.part(Part::ProjWeights), 3);
+        assert_eq!(c.per_part.values().sum::<usize>(), c.total);
+        let report = run(&path).unwrap();
+        assert!(report.contains("step: 42"), "{report}");
+        assert!(report.contains("MFF-MAE"), "{report}");
+        for block in [0, 1, 2] {
+            let line = report
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("block {block:>3}")))
+                .unwrap_or_else(|| panic!("no line for block {block}: {report}"));
+            assert!(line.ends_with("0.333333"), "{line}");
+        }
+    }
+
+    #[test]
+    fn attention_fusion_has_no_scalar_weights() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = ModelConfig {
+            fuse_layers: vec![0],
+            fusion: FusionKind::Attention,
+            ..tiny()
+        };
+        let (path, store) = save(tmp.path(), &cfg, HashMap::new());
+        let c = ParamCounts::of(&store);
+        assert_eq!(c.part(Part::ProjWeights), 0);
+        // fusion_attn: qkv 32*96+96, proj 32*32+32.
+        assert_eq!(c.part(Part::FusionAttn), 3168 + 1056);
+        let report = run(&path).unwrap();
+        assert!(
+            report.contains("attention fusion: no scalar weights"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let e = run(Path::new("/no/such/ckpt.safetensors")).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("/no/such/ckpt.safetensors"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(86_859_496), "86,859,496");
+    }
 }

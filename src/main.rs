@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 use mimscope::cli::{Cli, Command};
+use mimscope::reconstruct::ReconstructArgs;
 use mimscope::train::{self, Start};
 
 fn run() -> Result<()> {
@@ -11,22 +12,34 @@ fn run() -> Result<()> {
     match cli.command {
         Command::Train(args) => {
             let device = args.device.device()?;
-            if let Some(dir) = &args.resume {
-                train::train(dir, Start::Resume, &device)?;
-                return Ok(());
-            }
-            let dataset = train::open_dataset(args.data.as_deref())?;
-            let cfg = args.resolve(dataset.len())?;
-            if args.print_config {
-                println!("{}", serde_json::to_string_pretty(&cfg)?);
-                return Ok(());
-            }
-            let out = args.out.as_ref().context("--out RUN_DIR is required")?;
-            train::train(out, Start::Fresh(cfg), &device)?;
+            let (run_dir, start) = match &args.resume {
+                Some(dir) => (dir.clone(), Start::Resume),
+                None => {
+                    let dataset = train::open_dataset(args.data.as_deref())?;
+                    let cfg = args.resolve(dataset.len())?;
+                    if args.print_config {
+                        println!("{}", serde_json::to_string_pretty(&cfg)?);
+                        return Ok(());
+                    }
+                    let out = args.out.clone().context("--out RUN_DIR is required")?;
+                    (out, Start::Fresh(cfg))
+                }
+            };
+            let (final_ck, cfg) = train::train(&run_dir, start, &device)?;
+            // The run ends with reconstructions of its first training images.
+            let rec = ReconstructArgs {
+                checkpoint: final_ck,
+                data: cfg.data.clone(),
+                images: 8,
+                seed: cfg.seed,
+                mask_ratio: cfg.mask_ratio,
+                out: run_dir.join("reconstruction"),
+            };
+            mimscope::reconstruct::run(&rec, &device)?;
         }
         Command::Reconstruct(a) => {
             let device = a.device.device()?;
-            let args = mimscope::reconstruct::ReconstructArgs {
+            let args = ReconstructArgs {
                 checkpoint: a.checkpoint,
                 data: a.data,
                 images: a.images,

@@ -27,11 +27,10 @@ use crate::checkpoint;
 use crate::data::{Dataset, IMAGENET_MEAN, IMAGENET_STD};
 use crate::figures;
 use crate::model::masking::{len_keep, patchify, unpatchify};
+use crate::model::mae::patch_stats;
 use crate::model::{Mae, Mask};
 use crate::rng::{self, Purpose};
 
-/// The variance floor of `norm_pix_loss` (MAE `forward_loss`).
-const NORM_PIX_EPS: f64 = 1e-6;
 /// Colour of removed patches in the "masked" row.
 const MASK_GREY: Rgb<u8> = Rgb([128, 128, 128]);
 
@@ -72,10 +71,8 @@ pub struct Reconstruction {
 /// with the mean and unbiased variance of each patch of `target` (the raw patchified image),
 /// all (B, L, P).
 pub fn denormalize_patches(pred: &Tensor, target: &Tensor) -> candle_core::Result<Tensor> {
-    let p = target.dim(D::Minus1)?;
-    let mean = target.mean_keepdim(D::Minus1)?; // B L 1
-    let var = (target.broadcast_sub(&mean)?.sqr()?.sum_keepdim(D::Minus1)? / (p as f64 - 1.0))?;
-    pred.broadcast_mul(&(var + NORM_PIX_EPS)?.sqrt()?)?.broadcast_add(&mean)
+    let (mean, std) = patch_stats(target)?;
+    pred.broadcast_mul(&std)?.broadcast_add(&mean)
 }
 
 /// Per image, `sum(mask * loss) / sum(mask)` over its patches; `per_patch` and `mask` are (B, L).
@@ -141,11 +138,17 @@ fn removed(mask: &[f32], grid: usize, patch: usize, x: u32, y: u32) -> bool {
 
 /// The four figure rows: original, masked (removed patches grey), reconstruction (every patch
 /// predicted) and reconstruction + visible (removed patches predicted, visible ones original).
-pub fn figure_rows(rec: &Reconstruction, patch: usize) -> Result<Vec<(&'static str, Vec<RgbImage>)>> {
+pub fn figure_rows(
+    rec: &Reconstruction,
+    patch: usize,
+) -> Result<Vec<(&'static str, Vec<RgbImage>)>> {
     let originals = to_rgb_images(&rec.inputs)?;
     let predicted = to_rgb_images(&rec.pred_pixels)?;
     let masks = rec.mask.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
-    let grid = rec.mask.dim(1).map(|l| (l as f64).sqrt().round() as usize)?;
+    let grid = rec
+        .mask
+        .dim(1)
+        .map(|l| (l as f64).sqrt().round() as usize)?;
     let mut masked = Vec::with_capacity(originals.len());
     let mut pasted = Vec::with_capacity(originals.len());
     for ((orig, pred), m) in originals.iter().zip(&predicted).zip(&masks) {
@@ -199,6 +202,13 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
         .with_context(|| format!("loading the model from {}", args.checkpoint.display()))?;
     let model = &loaded.model;
     let cfg = &model.cfg;
+    if cfg.in_chans != 3 {
+        bail!(
+            "{} is a {}-channel model; reconstruct works on RGB images (in_chans 3)",
+            args.checkpoint.display(),
+            cfg.in_chans
+        );
+    }
     let l = cfg.num_patches();
     let keep = len_keep(l, args.mask_ratio);
     if !(args.mask_ratio > 0.0 && args.mask_ratio < 1.0) || keep == 0 || keep == l {
@@ -209,19 +219,26 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
         );
     }
     let ds = match &args.data {
-        Some(dir) => Dataset::open(dir).with_context(|| format!("opening the images in {}", dir.display()))?,
+        Some(dir) => Dataset::open(dir)
+            .with_context(|| format!("opening the images in {}", dir.display()))?,
         None => Dataset::bundled()?,
     };
     let n = args.images.min(ds.len());
     let s = cfg.img_size;
     let data = ds.eval_batch(n, s as u32)?;
     let imgs = Tensor::from_vec(data, (n, cfg.in_chans, s, s), device)?; // B C S S
-    let mask = Mask::random(n, l, args.mask_ratio, &mut rng::stream(args.seed, Purpose::EvalMask, 0));
+    let mask = Mask::random(
+        n,
+        l,
+        args.mask_ratio,
+        &mut rng::stream(args.seed, Purpose::EvalMask, 0),
+    );
     let rec = reconstruct(model, &imgs, &mask)
         .with_context(|| format!("running {} on {n} images", args.checkpoint.display()))?;
 
     let out = &args.out;
-    std::fs::create_dir_all(out).with_context(|| format!("creating the output folder {}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating the output folder {}", out.display()))?;
     let note = if cfg.norm_pix_loss {
         "norm_pix_loss: predicted patches de-normalised with each true patch's mean and variance"
     } else {
@@ -229,7 +246,10 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
     };
     let caption = format!(
         "{}; mask ratio {}, seed {}; {note}",
-        args.checkpoint.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+        args.checkpoint
+            .file_name()
+            .map(|f| f.to_string_lossy())
+            .unwrap_or_default(),
         args.mask_ratio,
         args.seed
     );
@@ -238,7 +258,10 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
     let csv = losses_csv(&ds.paths()[..n], &rec.per_image_loss);
     checkpoint::write_atomic(&out.join("losses.csv"), csv.as_bytes())?;
     let meta = HashMap::from([
-        ("checkpoint".to_string(), args.checkpoint.display().to_string()),
+        (
+            "checkpoint".to_string(),
+            args.checkpoint.display().to_string(),
+        ),
         ("seed".to_string(), args.seed.to_string()),
         ("mask_ratio".to_string(), args.mask_ratio.to_string()),
     ]);
@@ -265,7 +288,7 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
 mod tests {
     use super::*;
     use crate::config::ModelConfig;
-    use candle_core::Module as _;
+    use std::path::Path;
 
     fn tiny(norm_pix_loss: bool) -> ModelConfig {
         ModelConfig {
@@ -298,7 +321,11 @@ mod tests {
         for i in 0..n {
             let (w, h) = (20 + 4 * i, 18 + 6 * (i % 2));
             let img = RgbImage::from_fn(w, h, |x, y| {
-                Rgb([(x * 11 + i * 40) as u8, (y * 13) as u8, ((x ^ y) * 9 + i * 70) as u8])
+                Rgb([
+                    (x * 11 + i * 40) as u8,
+                    (y * 13) as u8,
+                    ((x ^ y) * 9 + i * 70) as u8,
+                ])
             });
             img.save(folder.join(format!("img_{i}.png"))).unwrap();
         }
@@ -308,12 +335,23 @@ mod tests {
     fn random_images(b: usize, s: usize, seed: u64) -> Tensor {
         use rand::Rng;
         let mut rng = rng::stream(seed, Purpose::Synthetic, 0);
-        let data: Vec<f32> = (0..b * 3 * s * s).map(|_| rng.random::<f32>() * 4.0 - 2.0).collect();
+        let data: Vec<f32> = (0..b * 3 * s * s)
+            .map(|_| rng.random::<f32>() * 4.0 - 2.0)
+            .collect();
         Tensor::from_vec(data, (b, 3, s, s), &Device::Cpu).unwrap()
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]
@@ -335,9 +373,17 @@ mod tests {
         // One patch [1, 2, 3, 6]: mean 3, unbiased var (4+1+0+9)/3 = 14/3.
         let raw = Tensor::from_vec(vec![1f32, 2., 3., 6.], (1, 1, 4), &Device::Cpu).unwrap();
         let pred = Tensor::from_vec(vec![0f32, 1., -1., 0.5], (1, 1, 4), &Device::Cpu).unwrap();
-        let got = denormalize_patches(&pred, &raw).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = denormalize_patches(&pred, &raw)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let sd = (14.0f64 / 3.0 + 1e-6).sqrt();
-        let want: Vec<f32> = [0.0, 1.0, -1.0, 0.5].iter().map(|&v| (v * sd + 3.0) as f32).collect();
+        let want: Vec<f32> = [0.0, 1.0, -1.0, 0.5]
+            .iter()
+            .map(|&v| (v * sd + 3.0) as f32)
+            .collect();
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
         }
@@ -353,7 +399,11 @@ mod tests {
         let rec = reconstruct(&model, &imgs, &mask).unwrap();
         // Equal removed counts per image, so the mean of the per-image means is the batch loss.
         let mean = rec.per_image_loss.iter().sum::<f32>() / b as f32;
-        assert!((mean - rec.loss).abs() < 1e-5 * rec.loss.abs().max(1.0), "{mean} vs {}", rec.loss);
+        assert!(
+            (mean - rec.loss).abs() < 1e-5 * rec.loss.abs().max(1.0),
+            "{mean} vs {}",
+            rec.loss
+        );
         // And each one is the training loss of that image alone under its own mask row.
         for i in 0..b {
             let (k, row) = (mask.len_keep, i * l..(i + 1) * l);
@@ -368,7 +418,10 @@ mod tests {
             let alone = model.forward(&imgs.narrow(0, i, 1).unwrap(), &one).unwrap();
             let want = alone.loss.to_scalar::<f32>().unwrap();
             let got = rec.per_image_loss[i];
-            assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "image {i}: {got} vs {want}");
+            assert!(
+                (got - want).abs() < 1e-5 * want.abs().max(1.0),
+                "image {i}: {got} vs {want}"
+            );
         }
     }
 
@@ -377,15 +430,16 @@ mod tests {
         let cfg = tiny(false);
         let (model, _) = Mae::init(&cfg, 4, DType::F32, &Device::Cpu).unwrap();
         let imgs = random_images(2, 16, 4);
-        let mask = Mask::random(2, cfg.num_patches(), 0.5, &mut rng::stream(1, Purpose::EvalMask, 0));
+        let mask = Mask::random(
+            2,
+            cfg.num_patches(),
+            0.5,
+            &mut rng::stream(1, Purpose::EvalMask, 0),
+        );
         let rec = reconstruct(&model, &imgs, &mask).unwrap();
         let pred = model.forward(&imgs, &mask).unwrap().pred;
         let want = unpatchify(&pred, 4, 3).unwrap();
         assert_eq!(max_abs_diff(&rec.pred_pixels, &want), 0.0);
-        // Sanity of the model itself: the input goes through the patch embedding unchanged.
-        let _ = model.cfg.patch_dim();
-        let _ = candle_nn::Linear::new(Tensor::zeros((1, 1), DType::F32, &Device::Cpu).unwrap(), None)
-            .forward(&Tensor::zeros((1, 1), DType::F32, &Device::Cpu).unwrap());
     }
 
     #[test]
@@ -407,28 +461,44 @@ mod tests {
 
         let (n, l, s) = (3usize, cfg.num_patches(), cfg.img_size);
         let png = image::open(out.join("reconstruction.png")).unwrap();
-        assert!(png.width() >= 3 * 96 && png.height() >= 4 * 96, "{:?}", (png.width(), png.height()));
+        assert!(
+            png.width() >= 3 * 96 && png.height() >= 4 * 96,
+            "{:?}",
+            (png.width(), png.height())
+        );
 
-        let masks = checkpoint::load_tensors(&out.join("masks.safetensors"), DType::F32, &Device::Cpu).unwrap();
+        let masks =
+            checkpoint::load_tensors(&out.join("masks.safetensors"), DType::F32, &Device::Cpu)
+                .unwrap();
         let mask = &masks.tensors["mask"];
         assert_eq!(mask.dims(), &[n, l]);
         let expected = Mask::random(n, l, 0.75, &mut rng::stream(7, Purpose::EvalMask, 0));
-        assert_eq!(mask.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected.mask);
+        assert_eq!(
+            mask.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            expected.mask
+        );
         for row in mask.to_vec2::<f32>().unwrap() {
             assert_eq!(row.iter().sum::<f32>(), 12.0); // 16 - floor(16 * 0.25)
         }
 
-        let inputs = checkpoint::load_tensors(&out.join("inputs.safetensors"), DType::F32, &Device::Cpu).unwrap();
+        let inputs =
+            checkpoint::load_tensors(&out.join("inputs.safetensors"), DType::F32, &Device::Cpu)
+                .unwrap();
         let images = &inputs.tensors["images"];
         assert_eq!(images.dims(), &[n, 3, s, s]);
         let ds = Dataset::open(&data).unwrap();
-        assert_eq!(images.flatten_all().unwrap().to_vec1::<f32>().unwrap(), ds.eval_batch(n, s as u32).unwrap());
+        assert_eq!(
+            images.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            ds.eval_batch(n, s as u32).unwrap()
+        );
 
         let csv = std::fs::read_to_string(out.join("losses.csv")).unwrap();
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines[0], "image,loss");
         assert_eq!(lines.len(), 1 + n);
-        let model = checkpoint::load_model(&ckpt, DType::F32, &Device::Cpu).unwrap().model;
+        let model = checkpoint::load_model(&ckpt, DType::F32, &Device::Cpu)
+            .unwrap()
+            .model;
         let rec = reconstruct(&model, images, &expected).unwrap();
         for (i, line) in lines[1..].iter().enumerate() {
             let (path, loss) = line.rsplit_once(',').unwrap();
@@ -471,27 +541,42 @@ mod tests {
         };
         let msg = |a: &ReconstructArgs| format!("{:#}", run(a, &Device::Cpu).unwrap_err());
 
-        let zero = ReconstructArgs { images: 0, ..base.clone() };
+        let zero = ReconstructArgs {
+            images: 0,
+            ..base.clone()
+        };
         assert!(msg(&zero).contains("--images"), "{}", msg(&zero));
 
         let missing = tmp.path().join("nope.safetensors");
-        let m = msg(&ReconstructArgs { checkpoint: missing.clone(), ..base.clone() });
+        let m = msg(&ReconstructArgs {
+            checkpoint: missing.clone(),
+            ..base.clone()
+        });
         assert!(m.contains(&missing.display().to_string()), "{m}");
 
         let empty = tmp.path().join("empty");
         std::fs::create_dir_all(&empty).unwrap();
-        let m = msg(&ReconstructArgs { data: Some(empty.clone()), ..base.clone() });
+        let m = msg(&ReconstructArgs {
+            data: Some(empty.clone()),
+            ..base.clone()
+        });
         assert!(m.contains(&empty.display().to_string()), "{m}");
 
         for ratio in [0.0, 1.0, 0.99] {
-            let m = msg(&ReconstructArgs { mask_ratio: ratio, ..base.clone() });
+            let m = msg(&ReconstructArgs {
+                mask_ratio: ratio,
+                ..base.clone()
+            });
             assert!(m.contains("--mask-ratio"), "{m}");
         }
     }
 
     #[test]
     fn csv_fields_with_commas_are_quoted() {
-        let csv = losses_csv(&[PathBuf::from("a,b.png"), PathBuf::from("c.png")], &[0.5, 1.25]);
+        let csv = losses_csv(
+            &[PathBuf::from("a,b.png"), PathBuf::from("c.png")],
+            &[0.5, 1.25],
+        );
         assert_eq!(csv, "image,loss\n\"a,b.png\",0.500000\nc.png,1.250000\n");
     }
 }

@@ -43,10 +43,22 @@ mod tests {
 
     #[test]
     fn streams_repeat_and_differ() {
-        let a: Vec<u32> = (0..4).map(|_| 0).scan(stream(7, Purpose::Mask, 3), |r, _: u32| Some(r.random())).collect();
-        let b: Vec<u32> = (0..4).map(|_| 0).scan(stream(7, Purpose::Mask, 3), |r, _: u32| Some(r.random())).collect();
-        let c: Vec<u32> = (0..4).map(|_| 0).scan(stream(7, Purpose::Mask, 4), |r, _: u32| Some(r.random())).collect();
-        let d: Vec<u32> = (0..4).map(|_| 0).scan(stream(7, Purpose::Init, 3), |r, _: u32| Some(r.random())).collect();
+        let a: Vec<u32> = (0..4)
+            .map(|_| 0)
+            .scan(stream(7, Purpose::Mask, 3), |r, _: u32| Some(r.random()))
+            .collect();
+        let b: Vec<u32> = (0..4)
+            .map(|_| 0)
+            .scan(stream(7, Purpose::Mask, 3), |r, _: u32| Some(r.random()))
+            .collect();
+        let c: Vec<u32> = (0..4)
+            .map(|_| 0)
+            .scan(stream(7, Purpose::Mask, 4), |r, _: u32| Some(r.random()))
+            .collect();
+        let d: Vec<u32> = (0..4)
+            .map(|_| 0)
+            .scan(stream(7, Purpose::Init, 3), |r, _: u32| Some(r.random()))
+            .collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_ne!(a, d);

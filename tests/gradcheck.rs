@@ -10,7 +10,12 @@ use rand::{Rng, SeedableRng};
 use crate::common::{fixture, load, to_vec};
 
 fn loss_of(model: &mimscope::model::Mae, imgs: &Tensor, mask: &Mask) -> f64 {
-    model.forward(imgs, mask).unwrap().loss.to_scalar::<f64>().unwrap()
+    model
+        .forward(imgs, mask)
+        .unwrap()
+        .loss
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 fn set_elem(var: &Var, base: &[f64], i: usize, v: f64) {
@@ -21,7 +26,12 @@ fn set_elem(var: &Var, base: &[f64], i: usize, v: f64) {
 }
 
 fn check(name: &str) {
-    let loaded = load_model(&fixture(&format!("{name}_tiny.safetensors")), DType::F64, &Device::Cpu).unwrap();
+    let loaded = load_model(
+        &fixture(&format!("{name}_tiny.safetensors")),
+        DType::F64,
+        &Device::Cpu,
+    )
+    .unwrap();
     let (model, store) = (loaded.model, loaded.store);
     let io = load(&format!("{name}_tiny_io.safetensors"), DType::F64);
     let imgs = &io["images"];
@@ -32,11 +42,17 @@ fn check(name: &str) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
     let eps = 1e-5;
     for (pname, var) in store.trainable() {
-        let g = to_vec(grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {pname}")));
+        let g = to_vec(
+            grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {pname}")),
+        );
         let base = to_vec(var.as_tensor());
         let gmax = g.iter().fold(0f64, |m, v| m.max(v.abs()));
         // Three random coordinates plus the largest-gradient one.
-        let argmax = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+        let argmax = (0..g.len())
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+            .unwrap();
         let mut idx = vec![argmax];
         idx.extend((0..3).map(|_| rng.random_range(0..g.len())));
         for i in idx {

@@ -27,7 +27,9 @@ fn small(fuse: Vec<usize>) -> ModelConfig {
 fn inputs(b: usize, cfg: &ModelConfig, seed: u64) -> (Tensor, Mask) {
     let mut rng = stream(seed, Purpose::Synthetic, 0);
     let s = cfg.img_size;
-    let px: Vec<f32> = (0..b * 3 * s * s).map(|_| StandardNormal.sample(&mut rng)).collect();
+    let px: Vec<f32> = (0..b * 3 * s * s)
+        .map(|_| StandardNormal.sample(&mut rng))
+        .collect();
     let imgs = Tensor::from_vec(px, (b, 3, s, s), &Device::Cpu).unwrap();
     let mask = Mask::random(b, cfg.num_patches(), 0.75, &mut rng);
     (imgs, mask)
@@ -43,14 +45,24 @@ fn every_trainable_tensor_gets_a_nonzero_gradient_at_init() {
     }] {
         let (model, store) = Mae::init(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
         let (imgs, mask) = inputs(2, &cfg, 1);
-        let grads = model.forward(&imgs, &mask).unwrap().loss.backward().unwrap();
+        let grads = model
+            .forward(&imgs, &mask)
+            .unwrap()
+            .loss
+            .backward()
+            .unwrap();
         for (name, var) in store.trainable() {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
             let norm: f64 = to_vec(g).iter().map(|v| v * v).sum();
             assert!(norm > 0.0, "{name}: zero gradient");
         }
         for frozen in mimscope::model::params::FROZEN {
-            assert!(!store.trainable().contains_key(frozen), "{frozen} must not be trained");
+            assert!(
+                !store.trainable().contains_key(frozen),
+                "{frozen} must not be trained"
+            );
         }
     }
 }
@@ -75,7 +87,10 @@ fn mff_weighted_towards_the_last_layer_equals_mae() {
     let mut tensors = mff_store.tensors();
     tensors.insert(
         "proj_weights".into(),
-        Tensor::new(&[-1e4f32, -1e4, 0.0], &Device::Cpu).unwrap().reshape((3, 1, 1, 1)).unwrap(),
+        Tensor::new(&[-1e4f32, -1e4, 0.0], &Device::Cpu)
+            .unwrap()
+            .reshape((3, 1, 1, 1))
+            .unwrap(),
     );
     let mff_store = mimscope::model::ParamStore::from_tensors(tensors.clone()).unwrap();
     let mff = Mae::from_store(&mff_cfg, &mff_store, DType::F32, &Device::Cpu).unwrap();
@@ -93,13 +108,25 @@ fn mff_weighted_towards_the_last_layer_equals_mae() {
 #[test]
 fn same_seed_same_init_other_seed_other_init() {
     let cfg = small(vec![0]);
-    let a = Mae::init(&cfg, 9, DType::F32, &Device::Cpu).unwrap().1.tensors();
-    let b = Mae::init(&cfg, 9, DType::F32, &Device::Cpu).unwrap().1.tensors();
-    let c = Mae::init(&cfg, 10, DType::F32, &Device::Cpu).unwrap().1.tensors();
+    let a = Mae::init(&cfg, 9, DType::F32, &Device::Cpu)
+        .unwrap()
+        .1
+        .tensors();
+    let b = Mae::init(&cfg, 9, DType::F32, &Device::Cpu)
+        .unwrap()
+        .1
+        .tensors();
+    let c = Mae::init(&cfg, 10, DType::F32, &Device::Cpu)
+        .unwrap()
+        .1
+        .tensors();
     for (k, t) in &a {
         assert_eq!(to_vec(t), to_vec(&b[k]), "{k}");
     }
-    assert_ne!(to_vec(&a["blocks.0.attn.qkv.weight"]), to_vec(&c["blocks.0.attn.qkv.weight"]));
+    assert_ne!(
+        to_vec(&a["blocks.0.attn.qkv.weight"]),
+        to_vec(&c["blocks.0.attn.qkv.weight"])
+    );
 }
 
 #[test]
@@ -116,13 +143,20 @@ fn init_follows_mae() {
     // Patch embedding: xavier on the (D, 3 p^2) view.
     let pe = to_vec(&t["patch_embed.proj.weight"]);
     let bound = (6.0 / (d + 48.0)).sqrt();
-    assert!(pe.iter().all(|v| v.abs() <= bound) && pe.iter().map(|v| v.abs()).fold(0.0, f64::max) > 0.9 * bound);
+    assert!(
+        pe.iter().all(|v| v.abs() <= bound)
+            && pe.iter().map(|v| v.abs()).fold(0.0, f64::max) > 0.9 * bound
+    );
     // Tokens: normal(std .02).
     let cls = to_vec(&t["cls_token"]);
     let std = (cls.iter().map(|v| v * v).sum::<f64>() / cls.len() as f64).sqrt();
     assert!((std - 0.02).abs() < 0.004, "cls std {std}");
-    assert!(to_vec(&t["blocks.0.norm1.weight"]).iter().all(|&v| v == 1.0));
-    assert!(to_vec(&t["blocks.0.attn.qkv.bias"]).iter().all(|&v| v == 0.0));
+    assert!(to_vec(&t["blocks.0.norm1.weight"])
+        .iter()
+        .all(|&v| v == 1.0));
+    assert!(to_vec(&t["blocks.0.attn.qkv.bias"])
+        .iter()
+        .all(|&v| v == 0.0));
 }
 
 #[test]
@@ -142,7 +176,10 @@ fn norm_pix_target_uses_the_unbiased_variance() {
         ..ModelConfig::default()
     };
     let (model, _) = Mae::init(&cfg, 0, DType::F64, &Device::Cpu).unwrap();
-    let img = Tensor::new(&[1f64, 2.0, 3.0], &Device::Cpu).unwrap().reshape((1, 3, 1, 1)).unwrap();
+    let img = Tensor::new(&[1f64, 2.0, 3.0], &Device::Cpu)
+        .unwrap()
+        .reshape((1, 3, 1, 1))
+        .unwrap();
     let t = to_vec(&model.target(&img).unwrap());
     let s = (1.0f64 + 1e-6).sqrt();
     for (a, e) in t.iter().zip([-1.0 / s, 0.0, 1.0 / s]) {
@@ -159,9 +196,19 @@ fn loss_counts_removed_patches_only() {
     let (imgs, mask) = inputs(2, &cfg, 4);
     let imgs = imgs.to_dtype(DType::F64).unwrap();
     let target = model.target(&imgs).unwrap();
-    let m = mask.mask_tensor(DType::F64, &Device::Cpu).unwrap().unsqueeze(2).unwrap();
+    let m = mask
+        .mask_tensor(DType::F64, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(2)
+        .unwrap();
     let noise = (target.ones_like().unwrap() * 7.0).unwrap();
-    let pred = (target.broadcast_mul(&m).unwrap() + noise.broadcast_mul(&(1.0 - &m).unwrap()).unwrap()).unwrap();
-    let loss = model.loss(&imgs, &pred, &mask).unwrap().to_scalar::<f64>().unwrap();
+    let pred = (target.broadcast_mul(&m).unwrap()
+        + noise.broadcast_mul(&(1.0 - &m).unwrap()).unwrap())
+    .unwrap();
+    let loss = model
+        .loss(&imgs, &pred, &mask)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     assert!(loss.abs() < 1e-20, "{loss}");
 }

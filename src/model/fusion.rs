@@ -69,12 +69,16 @@ impl Fusion {
             .collect::<Result<Vec<_>>>()?;
         let combine = match cfg.fusion {
             // Ones, as mmpretrain: every layer starts with weight 1/n after the softmax.
-            FusionKind::Weighted => {
-                Combine::Weighted(vb.get_with_hints((n, 1, 1, 1), "proj_weights", Init::Const(1.0))?)
-            }
-            FusionKind::Attention => {
-                Combine::Attention(Attention::new(cfg.embed_dim, cfg.num_heads, vb.pp("fusion_attn"))?)
-            }
+            FusionKind::Weighted => Combine::Weighted(vb.get_with_hints(
+                (n, 1, 1, 1),
+                "proj_weights",
+                Init::Const(1.0),
+            )?),
+            FusionKind::Attention => Combine::Attention(Attention::new(
+                cfg.embed_dim,
+                cfg.num_heads,
+                vb.pp("fusion_attn"),
+            )?),
         };
         Ok(Self { projs, combine })
     }
@@ -85,7 +89,9 @@ impl Fusion {
         match &self.combine {
             Combine::Weighted(w) => {
                 let n = w.dim(0)?;
-                Ok(Some(ops::softmax_last_dim(&w.reshape((1, n))?)?.reshape(n)?))
+                Ok(Some(
+                    ops::softmax_last_dim(&w.reshape((1, n))?)?.reshape(n)?,
+                ))
             }
             Combine::Attention(_) => Ok(None),
         }
@@ -104,7 +110,9 @@ impl Fusion {
             .collect::<Result<Vec<_>>>()?;
         match &self.combine {
             Combine::Weighted(_) => {
-                let w = self.weights()?.ok_or_else(|| candle_core::Error::Msg("no weights".into()))?;
+                let w = self
+                    .weights()?
+                    .ok_or_else(|| candle_core::Error::Msg("no weights".into()))?;
                 let n = projected.len();
                 let mut fused = last.broadcast_mul(&w.get(n)?)?;
                 for (k, p) in projected.iter().enumerate() {

@@ -37,6 +37,15 @@ pub struct Output {
     pub loss: Tensor,
 }
 
+/// Per-patch mean and sqrt(unbiased variance + 1e-6) of (B, L, P) patches, each (B, L, 1):
+/// norm_pix_loss's normalisation (torch's `.var()` divides by P - 1).
+pub fn patch_stats(patches: &Tensor) -> Result<(Tensor, Tensor)> {
+    let p = patches.dim(D::Minus1)?;
+    let mean = patches.mean_keepdim(D::Minus1)?;
+    let var = (patches.broadcast_sub(&mean)?.sqr()?.sum_keepdim(D::Minus1)? / (p as f64 - 1.0))?;
+    Ok((mean, (var + 1e-6)?.sqrt()?))
+}
+
 #[derive(Debug, Clone)]
 pub struct Mae {
     pub cfg: ModelConfig,
@@ -100,12 +109,20 @@ impl Mae {
     }
 
     /// MAE's initialisation drawn from `(seed, Init)`, and the model on those parameters.
-    pub fn init(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<(Self, ParamStore)> {
+    pub fn init(
+        cfg: &ModelConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Self, ParamStore)> {
         let mut tensors = init_params(stream(seed, Purpose::Init, 0), dtype, device, |vb| {
             Self::new(cfg, vb).map(|_| ())
         })?;
         let g = cfg.grid();
-        for (name, dim) in [(FROZEN[0], cfg.embed_dim), (FROZEN[1], cfg.decoder_embed_dim)] {
+        for (name, dim) in [
+            (FROZEN[0], cfg.embed_dim),
+            (FROZEN[1], cfg.decoder_embed_dim),
+        ] {
             let table = Tensor::from_vec(sincos_2d(dim, g), (1, g * g + 1, dim), device)?;
             tensors.insert(name.to_string(), table.to_dtype(dtype)?);
         }
@@ -115,7 +132,12 @@ impl Mae {
     }
 
     /// The model on stored parameters; every name and shape must match, both ways.
-    pub fn from_store(cfg: &ModelConfig, store: &ParamStore, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn from_store(
+        cfg: &ModelConfig,
+        store: &ParamStore,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let (vb, log) = store.builder(dtype, device);
         let model = Self::new(cfg, vb)?;
         store
@@ -216,11 +238,8 @@ impl Mae {
         if !self.cfg.norm_pix_loss {
             return Ok(target);
         }
-        let p = target.dim(D::Minus1)?;
-        let mean = target.mean_keepdim(D::Minus1)?;
-        let centred = target.broadcast_sub(&mean)?;
-        let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / (p as f64 - 1.0))?;
-        centred.broadcast_div(&(var + 1e-6)?.sqrt()?)
+        let (mean, std) = patch_stats(&target)?;
+        target.broadcast_sub(&mean)?.broadcast_div(&std)
     }
 
     /// Mean squared error per patch, averaged over removed patches only.
@@ -240,6 +259,10 @@ impl Mae {
         let encoder = self.forward_encoder(imgs, mask)?;
         let pred = self.forward_decoder(&encoder.latent, mask)?;
         let loss = self.loss(imgs, &pred, mask)?;
-        Ok(Output { encoder, pred, loss })
+        Ok(Output {
+            encoder,
+            pred,
+            loss,
+        })
     }
 }

@@ -67,7 +67,11 @@ impl Mask {
                 restore[id as usize] = pos as u32;
             }
             ids_keep.extend_from_slice(&shuffle[..keep]);
-            mask.extend(restore.iter().map(|&r| if (r as usize) < keep { 0.0 } else { 1.0 }));
+            mask.extend(
+                restore
+                    .iter()
+                    .map(|&r| if (r as usize) < keep { 0.0 } else { 1.0 }),
+            );
             ids_restore.extend(restore);
         }
         Mask {
@@ -82,7 +86,9 @@ impl Mask {
 
     /// Noise drawn from `rng` (U[0,1) per patch), then [`Mask::from_noise`].
     pub fn random(batch: usize, num_patches: usize, ratio: f64, rng: &mut impl Rng) -> Mask {
-        let noise: Vec<f32> = (0..batch * num_patches).map(|_| rng.random::<f32>()).collect();
+        let noise: Vec<f32> = (0..batch * num_patches)
+            .map(|_| rng.random::<f32>())
+            .collect();
         Mask::from_noise(&noise, batch, num_patches, ratio)
     }
 
@@ -156,7 +162,10 @@ mod tests {
             }
         }
         let back = unpatchify(&x, p, c)?;
-        assert_eq!(back.flatten_all()?.to_vec1::<f32>()?, img.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            back.flatten_all()?.to_vec1::<f32>()?,
+            img.flatten_all()?.to_vec1::<f32>()?
+        );
         Ok(())
     }
 }

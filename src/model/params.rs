@@ -131,7 +131,11 @@ impl SimpleBackend for StoreBackend {
         }
         let problem = match self.tensors.get(name) {
             Some(t) if t.shape() == &s => return t.to_dtype(dtype)?.to_device(dev),
-            Some(t) => format!("`{name}` has shape {:?}, the model needs {:?}", t.dims(), s.dims()),
+            Some(t) => format!(
+                "`{name}` has shape {:?}, the model needs {:?}",
+                t.dims(),
+                s.dims()
+            ),
             None => format!("missing tensor `{name}` of shape {:?}", s.dims()),
         };
         if let Ok(mut p) = self.log.problems.lock() {
@@ -170,7 +174,9 @@ impl SimpleBackend for InitBackend {
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let data: Vec<f64> = match h {
             Init::Const(c) => vec![c; n],
-            Init::Uniform { lo, up } => (0..n).map(|_| lo + (up - lo) * rng.random::<f64>()).collect(),
+            Init::Uniform { lo, up } => (0..n)
+                .map(|_| lo + (up - lo) * rng.random::<f64>())
+                .collect(),
             Init::Randn { mean, stdev } => (0..n)
                 .map(|_| {
                     let z: f64 = StandardNormal.sample(&mut *rng);
@@ -213,7 +219,11 @@ where
         rng: Mutex::new(rng),
         out: out.clone(),
     };
-    build(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))?;
+    build(VarBuilder::from_backend(
+        Box::new(backend),
+        dtype,
+        device.clone(),
+    ))?;
     let map = out
         .lock()
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?

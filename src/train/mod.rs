@@ -82,7 +82,9 @@ impl Csv {
             for (i, line) in text.split_inclusive('\n').enumerate() {
                 let complete = line.ends_with('\n');
                 let row_step = line.split(',').next().and_then(|s| s.parse::<u64>().ok());
-                if (i == 0 && line.trim_end() == header) || (complete && row_step.is_some_and(|s| s <= step)) {
+                if (i == 0 && line.trim_end() == header)
+                    || (complete && row_step.is_some_and(|s| s <= step))
+                {
                     kept.push_str(line);
                 }
             }
@@ -127,6 +129,7 @@ fn fusion_header(cfg: &TrainConfig) -> String {
 }
 
 /// Where a run starts.
+#[allow(clippy::large_enum_variant)] // built once per run
 pub enum Start {
     /// A new run in an empty or absent folder.
     Fresh(TrainConfig),
@@ -134,14 +137,17 @@ pub enum Start {
     Resume,
 }
 
-/// Runs (or resumes) training in `run_dir`. Returns the path of the final checkpoint.
-pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<PathBuf> {
+/// Runs (or resumes) training in `run_dir`. Returns the final checkpoint's path and the run's
+/// config.
+pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, TrainConfig)> {
     let ckpt_dir = run_dir.join("checkpoints");
     let resuming = matches!(start, Start::Resume);
     let cfg = match start {
         Start::Fresh(cfg) => {
             if run_dir.exists()
-                && std::fs::read_dir(run_dir).map(|mut d| d.next().is_some()).unwrap_or(false)
+                && std::fs::read_dir(run_dir)
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(false)
             {
                 bail!(
                     "run folder {} already exists and is not empty; continue it with \
@@ -183,7 +189,11 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<PathBuf> {
     eprintln!(
         "data: {} images from {}{}",
         dataset.len(),
-        cfg.data.as_ref().map_or("the bundled photos".to_string(), |d| d.display().to_string()),
+        cfg.data
+            .as_ref()
+            .map_or("the bundled photos".to_string(), |d| d
+                .display()
+                .to_string()),
         if dataset.skipped() > 0 {
             format!(" ({} unreadable files skipped)", dataset.skipped())
         } else {
@@ -192,7 +202,11 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<PathBuf> {
     );
 
     // Model and optimiser, fresh or from the newest checkpoint.
-    let resume_step = if resuming { latest_checkpoint(&ckpt_dir)? } else { None };
+    let resume_step = if resuming {
+        latest_checkpoint(&ckpt_dir)?
+    } else {
+        None
+    };
     let (model, store, mut opt) = match resume_step {
         Some(step) => {
             let (weights, state) = checkpoint_paths(&ckpt_dir, step);
@@ -206,7 +220,10 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<PathBuf> {
         }
         None => {
             if resuming {
-                eprintln!("no checkpoint in {} yet: starting the run over", ckpt_dir.display());
+                eprintln!(
+                    "no checkpoint in {} yet: starting the run over",
+                    ckpt_dir.display()
+                );
             }
             let (model, store) = Mae::init(&cfg.model, cfg.seed, DType::F32, device)?;
             let opt = AdamW::new(store.trainable(), cfg.weight_decay, cfg.decay_rule())?;
@@ -228,7 +245,11 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<PathBuf> {
     );
 
     let keep = resuming.then_some(first);
-    let mut metrics = Csv::open(&run_dir.join(METRICS_FILE), "step,epoch,lr,loss,images_per_s", keep)?;
+    let mut metrics = Csv::open(
+        &run_dir.join(METRICS_FILE),
+        "step,epoch,lr,loss,images_per_s",
+        keep,
+    )?;
     let mut fusion = match fusion_row(first, &model)? {
         Some(row0) => {
             let mut csv = Csv::open(&run_dir.join(FUSION_FILE), &fusion_header(&cfg), keep)?;
@@ -256,7 +277,11 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<PathBuf> {
                  The last good checkpoint is {}. Lower --blr, lengthen --warmup-steps, or check \
                  the data",
                 step + 1,
-                last_good.as_ref().map_or("none (no checkpoint was written yet)".to_string(), |p| p.display().to_string())
+                last_good
+                    .as_ref()
+                    .map_or("none (no checkpoint was written yet)".to_string(), |p| p
+                        .display()
+                        .to_string())
             );
         }
         let grads = out.loss.backward()?;
@@ -272,15 +297,25 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<PathBuf> {
         if done % cfg.save_every == 0 || done == cfg.steps {
             let (weights, state) = checkpoint_paths(&ckpt_dir, done);
             save_state(&state, &opt, &cfg, done)?;
-            checkpoint::save_weights(&weights, &cfg.model, &store, checkpoint_metadata(&cfg, done)?)?;
+            checkpoint::save_weights(
+                &weights,
+                &cfg.model,
+                &store,
+                checkpoint_metadata(&cfg, done)?,
+            )?;
             last_good = Some(weights);
         }
     }
     progress.finish();
     let final_path = run_dir.join(FINAL_FILE);
-    checkpoint::save_weights(&final_path, &cfg.model, &store, checkpoint_metadata(&cfg, cfg.steps)?)?;
+    checkpoint::save_weights(
+        &final_path,
+        &cfg.model,
+        &store,
+        checkpoint_metadata(&cfg, cfg.steps)?,
+    )?;
     eprintln!("final checkpoint: {}", final_path.display());
-    Ok(final_path)
+    Ok((final_path, cfg))
 }
 
 fn save_state(path: &Path, opt: &AdamW, cfg: &TrainConfig, step: u64) -> Result<()> {
@@ -323,7 +358,7 @@ impl Progress {
                 b.set_position(done);
                 b.set_message(msg);
             }
-            None if done % self.every == 0 || done == self.total => {
+            None if done.is_multiple_of(self.every) || done == self.total => {
                 let per_step = self.start.elapsed().as_secs_f64() / (done - self.first) as f64;
                 let eta = per_step * (self.total - done) as f64;
                 eprintln!("step {done}/{} {msg} eta {eta:.0}s", self.total);

@@ -128,7 +128,11 @@ impl AdamW {
     }
 
     /// Restores moments saved by [`AdamW::state_tensors`] and the step count.
-    pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>, step: u64) -> std::result::Result<(), String> {
+    pub fn load_state(
+        &mut self,
+        state: &BTreeMap<String, Tensor>,
+        step: u64,
+    ) -> std::result::Result<(), String> {
         for s in &mut self.slots {
             for (key, slot) in [("exp_avg", &mut s.m), ("exp_avg_sq", &mut s.v)] {
                 let name = format!("{key}.{}", s.name);

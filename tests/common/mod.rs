@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+        .join(name)
 }
 
 pub fn load(name: &str, dtype: DType) -> BTreeMap<String, Tensor> {
@@ -16,7 +19,12 @@ pub fn load(name: &str, dtype: DType) -> BTreeMap<String, Tensor> {
 }
 
 pub fn to_vec(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
 }
 
 /// Asserts |a - e| <= atol + rtol |e| elementwise; on failure reports the worst element.
@@ -26,12 +34,16 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, rtol: f64, a
     let mut worst: Option<(usize, f64)> = None;
     for (i, (x, y)) in a.iter().zip(&e).enumerate() {
         let excess = (x - y).abs() - (atol + rtol * y.abs());
-        if !(excess <= 0.0) && worst.is_none_or(|(_, w)| excess > w) {
+        if (excess.is_nan() || excess > 0.0) && worst.is_none_or(|(_, w)| excess > w) {
             worst = Some((i, excess));
         }
     }
     if let Some((i, _)) = worst {
-        let max_abs = a.iter().zip(&e).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        let max_abs = a
+            .iter()
+            .zip(&e)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
         panic!(
             "{what}: element {i} is {} but expected {} (rtol {rtol}, atol {atol}); max |diff| {max_abs:.3e}",
             a[i], e[i]
