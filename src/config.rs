@@ -410,16 +410,8 @@ impl TrainConfig {
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             bail!("--weight-decay must be >= 0, got {}", self.weight_decay);
         }
-        let l = self.model.num_patches();
-        let keep = crate::model::masking::len_keep(l, self.mask_ratio);
-        if !(self.mask_ratio > 0.0 && self.mask_ratio < 1.0) || keep == 0 || keep == l {
-            bail!(
-                "--mask-ratio {} must be in (0, 1) and keep at least one and remove at least one \
-                 of the {} patches",
-                self.mask_ratio,
-                l
-            );
-        }
+        crate::model::masking::check_ratio(self.model.num_patches(), self.mask_ratio)
+            .map_err(anyhow::Error::msg)?;
         if self.save_every == 0 {
             bail!("--save-every must be positive");
         }

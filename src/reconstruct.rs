@@ -26,8 +26,8 @@ use image::{Rgb, RgbImage};
 use crate::checkpoint;
 use crate::data::{Dataset, IMAGENET_MEAN, IMAGENET_STD};
 use crate::figures;
-use crate::model::masking::{len_keep, patchify, unpatchify};
 use crate::model::mae::patch_stats;
+use crate::model::masking::{check_ratio, patchify, unpatchify};
 use crate::model::{Mae, Mask};
 use crate::rng::{self, Purpose};
 
@@ -210,14 +210,7 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
         );
     }
     let l = cfg.num_patches();
-    let keep = len_keep(l, args.mask_ratio);
-    if !(args.mask_ratio > 0.0 && args.mask_ratio < 1.0) || keep == 0 || keep == l {
-        bail!(
-            "--mask-ratio {} must be in (0, 1) and keep at least one and remove at least one of \
-             the {l} patches of this model",
-            args.mask_ratio
-        );
-    }
+    check_ratio(l, args.mask_ratio).map_err(|e| anyhow::anyhow!("{e} of this model"))?;
     let ds = match &args.data {
         Some(dir) => Dataset::open(dir)
             .with_context(|| format!("opening the images in {}", dir.display()))?,
@@ -276,7 +269,8 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
         meta,
     )?;
     println!(
-        "reconstructed {n} images (mask ratio {}, loss {:.6}) into {}",
+        "reconstructed {n} images (shorter side resized to {s} px with bicubic Catmull-Rom, \
+         centre-cropped; mask ratio {}, loss {:.6}) into {}",
         args.mask_ratio,
         rec.loss,
         out.display()

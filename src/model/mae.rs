@@ -42,7 +42,11 @@ pub struct Output {
 pub fn patch_stats(patches: &Tensor) -> Result<(Tensor, Tensor)> {
     let p = patches.dim(D::Minus1)?;
     let mean = patches.mean_keepdim(D::Minus1)?;
-    let var = (patches.broadcast_sub(&mean)?.sqr()?.sum_keepdim(D::Minus1)? / (p as f64 - 1.0))?;
+    let var = (patches
+        .broadcast_sub(&mean)?
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        / (p as f64 - 1.0))?;
     Ok((mean, (var + 1e-6)?.sqrt()?))
 }
 

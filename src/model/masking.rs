@@ -46,6 +46,20 @@ pub fn len_keep(num_patches: usize, ratio: f64) -> usize {
     (num_patches as f64 * (1.0 - ratio)) as usize
 }
 
+/// Checks that `ratio` removes at least one and keeps at least one of `num_patches`; returns
+/// len_keep, or a message naming `--mask-ratio`.
+pub fn check_ratio(num_patches: usize, ratio: f64) -> std::result::Result<usize, String> {
+    let keep = len_keep(num_patches, ratio);
+    if ratio > 0.0 && ratio < 1.0 && keep > 0 && keep < num_patches {
+        Ok(keep)
+    } else {
+        Err(format!(
+            "--mask-ratio {ratio} must be in (0, 1) and keep at least one and remove at least \
+             one of the {num_patches} patches"
+        ))
+    }
+}
+
 fn argsort(v: &[f32]) -> Vec<u32> {
     let mut idx: Vec<u32> = (0..v.len() as u32).collect();
     idx.sort_by(|&a, &b| v[a as usize].total_cmp(&v[b as usize]));
