@@ -208,8 +208,15 @@ pub struct TrainArgs {
     /// Run folder (must be new or empty).
     #[arg(long, required_unless_present = "resume")]
     pub out: Option<PathBuf>,
-    /// Continue the run in this folder from its newest checkpoint, with its saved config.
-    #[arg(long, conflicts_with = "out")]
+    /// Continue the run in this folder from its newest checkpoint, with its saved config
+    /// (only --device may be given with it).
+    #[arg(long, conflicts_with_all = [
+        "model", "preset", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
+        "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio", "norm_pix_loss",
+        "fuse_layers", "projection", "fusion", "data", "steps", "epochs", "batch_size", "blr",
+        "warmup_steps", "warmup_epochs", "weight_decay", "no_decay_fusion_weights", "mask_ratio",
+        "augment", "seed", "save_every", "out", "print_config",
+    ])]
     pub resume: Option<PathBuf>,
     /// Print the resolved config and exit.
     #[arg(long)]
@@ -325,6 +332,23 @@ mod tests {
         match Cli::parse_from(full).command {
             Command::Train(t) => t,
             _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn resume_takes_no_run_flags() {
+        let ok = Cli::try_parse_from(["mimscope", "train", "--resume", "r", "--device", "cpu"]);
+        assert!(ok.is_ok());
+        for flag in [
+            ["--steps", "5"],
+            ["--blr", "1"],
+            ["--out", "x"],
+            ["--model", "mff"],
+        ] {
+            let mut args = vec!["mimscope", "train", "--resume", "r"];
+            args.extend(flag);
+            let err = Cli::try_parse_from(args).unwrap_err().to_string();
+            assert!(err.contains("cannot be used with"), "{flag:?}: {err}");
         }
     }
 

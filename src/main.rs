@@ -22,7 +22,7 @@ fn run() -> Result<()> {
                         return Ok(());
                     }
                     let out = args.out.clone().context("--out RUN_DIR is required")?;
-                    (out, Start::Fresh(cfg))
+                    (out, Start::Fresh(cfg, dataset))
                 }
             };
             let (final_ck, cfg) = train::train(&run_dir, start, &device)?;

@@ -41,26 +41,15 @@ mod tests {
     use super::*;
     use rand::Rng;
 
+    fn draw(purpose: Purpose, index: u64) -> Vec<u32> {
+        let mut r = stream(7, purpose, index);
+        (0..4).map(|_| r.random()).collect()
+    }
+
     #[test]
     fn streams_repeat_and_differ() {
-        let a: Vec<u32> = (0..4)
-            .map(|_| 0)
-            .scan(stream(7, Purpose::Mask, 3), |r, _: u32| Some(r.random()))
-            .collect();
-        let b: Vec<u32> = (0..4)
-            .map(|_| 0)
-            .scan(stream(7, Purpose::Mask, 3), |r, _: u32| Some(r.random()))
-            .collect();
-        let c: Vec<u32> = (0..4)
-            .map(|_| 0)
-            .scan(stream(7, Purpose::Mask, 4), |r, _: u32| Some(r.random()))
-            .collect();
-        let d: Vec<u32> = (0..4)
-            .map(|_| 0)
-            .scan(stream(7, Purpose::Init, 3), |r, _: u32| Some(r.random()))
-            .collect();
-        assert_eq!(a, b);
-        assert_ne!(a, c);
-        assert_ne!(a, d);
+        assert_eq!(draw(Purpose::Mask, 3), draw(Purpose::Mask, 3));
+        assert_ne!(draw(Purpose::Mask, 3), draw(Purpose::Mask, 4));
+        assert_ne!(draw(Purpose::Mask, 3), draw(Purpose::Init, 3));
     }
 }

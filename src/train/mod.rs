@@ -131,8 +131,8 @@ fn fusion_header(cfg: &TrainConfig) -> String {
 /// Where a run starts.
 #[allow(clippy::large_enum_variant)] // built once per run
 pub enum Start {
-    /// A new run in an empty or absent folder.
-    Fresh(TrainConfig),
+    /// A new run in an empty or absent folder, on its already opened images.
+    Fresh(TrainConfig, Dataset),
     /// Continue the run in this folder from its newest checkpoint.
     Resume,
 }
@@ -142,8 +142,8 @@ pub enum Start {
 pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, TrainConfig)> {
     let ckpt_dir = run_dir.join("checkpoints");
     let resuming = matches!(start, Start::Resume);
-    let cfg = match start {
-        Start::Fresh(cfg) => {
+    let (cfg, dataset) = match start {
+        Start::Fresh(cfg, dataset) => {
             if run_dir.exists()
                 && std::fs::read_dir(run_dir)
                     .map(|mut d| d.next().is_some())
@@ -162,7 +162,7 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
                 &run_dir.join(CONFIG_FILE),
                 serde_json::to_string_pretty(&cfg)?.as_bytes(),
             )?;
-            cfg
+            (cfg, dataset)
         }
         Start::Resume => {
             let path = run_dir.join(CONFIG_FILE);
@@ -173,8 +173,18 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
                     run_dir.display()
                 )
             })?;
-            serde_json::from_str::<TrainConfig>(&text)
-                .with_context(|| format!("parsing {}", path.display()))?
+            let cfg = serde_json::from_str::<TrainConfig>(&text)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            let dataset = open_dataset(cfg.data.as_deref())?;
+            if dataset.len() != cfg.dataset_size {
+                eprintln!(
+                    "warning: the run started with {} usable images and now finds {}: the \
+                     resumed run will not draw the batches the original would have",
+                    cfg.dataset_size,
+                    dataset.len()
+                );
+            }
+            (cfg, dataset)
         }
     };
     if resuming && run_dir.join(FINAL_FILE).exists() {
@@ -185,7 +195,6 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
         );
     }
 
-    let dataset = open_dataset(cfg.data.as_deref())?;
     eprintln!(
         "data: {} images from {}{}",
         dataset.len(),
@@ -244,7 +253,8 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
         cfg.lr, cfg.blr, cfg.batch_size, cfg.warmup_steps, cfg.steps
     );
 
-    let keep = resuming.then_some(first);
+    // Resuming from a checkpoint keeps the CSV rows up to it; otherwise the files start anew.
+    let keep = resume_step;
     let mut metrics = Csv::open(
         &run_dir.join(METRICS_FILE),
         "step,epoch,lr,loss,images_per_s",
@@ -253,7 +263,7 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
     let mut fusion = match fusion_row(first, &model)? {
         Some(row0) => {
             let mut csv = Csv::open(&run_dir.join(FUSION_FILE), &fusion_header(&cfg), keep)?;
-            if !resuming || first == 0 {
+            if keep.is_none() {
                 csv.row(&row0)?;
             }
             Some(csv)
