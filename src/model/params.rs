@@ -58,22 +58,6 @@ impl ParamStore {
         all
     }
 
-    pub fn get(&self, name: &str) -> Option<Tensor> {
-        self.trainable
-            .get(name)
-            .map(|v| v.as_tensor().clone())
-            .or_else(|| self.frozen.get(name).cloned())
-    }
-
-    /// Number of scalars whose name starts with `prefix`.
-    pub fn count(&self, prefix: &str) -> usize {
-        self.tensors()
-            .iter()
-            .filter(|(k, _)| k.starts_with(prefix))
-            .map(|(_, t)| t.elem_count())
-            .sum()
-    }
-
     /// A builder that serves these tensors and records the names asked for.
     pub fn builder(&self, dtype: DType, device: &Device) -> (VarBuilder<'static>, StoreLog) {
         let log = StoreLog::default();

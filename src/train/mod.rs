@@ -11,7 +11,7 @@
 pub mod optim;
 pub mod schedule;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -23,7 +23,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::checkpoint::{self, checkpoint_paths, latest_checkpoint, write_atomic};
 use crate::config::TrainConfig;
 use crate::data::Dataset;
-use crate::model::{Mae, Mask, ParamStore};
+use crate::model::{Mae, Mask};
 use crate::rng::{stream, Purpose};
 use optim::AdamW;
 
@@ -377,21 +377,17 @@ impl Progress {
         }
     }
 
+    /// Replaces the bar by a plain line, so later messages start on a line of their own.
     fn finish(&self) {
         if let Some(b) = &self.bar {
-            b.finish();
+            b.finish_and_clear();
+            eprintln!(
+                "step {}/{} {} ({:.0}s)",
+                b.position(),
+                self.total,
+                b.message(),
+                self.start.elapsed().as_secs_f64()
+            );
         }
     }
-}
-
-/// Trainable tensors' gradients by name (for tests and the analyses).
-pub fn gradients(store: &ParamStore, loss: &Tensor) -> Result<BTreeMap<String, Tensor>> {
-    let grads = loss.backward()?;
-    let mut out = BTreeMap::new();
-    for (name, var) in store.trainable() {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            out.insert(name.clone(), g.clone());
-        }
-    }
-    Ok(out)
 }
