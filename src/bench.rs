@@ -3,7 +3,8 @@
 //! Prints machine-readable `key=value` lines. The training step is forward, backward and the
 //! AdamW update at mask ratio 0.75; the forward is the unmasked encoder keeping every block
 //! output (what the spectra need). Each is run once to warm up, then `iters` times; the median
-//! is reported.
+//! is reported. It also times building one training batch from the bundled photos with each
+//! augmentation (`data_*_batch_s`), the part of a step spent before the model runs.
 
 use std::time::Instant;
 
@@ -12,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::config::{default_fuse_layers, ModelConfig, ModelKind, Preset};
+use crate::data::Augment;
 use crate::model::{Mae, Mask};
 use crate::rng::{stream, Purpose};
 use crate::train::optim::{AdamW, DecayRule};
@@ -76,6 +78,21 @@ pub fn run(cfg: &ModelConfig, batch: usize, iters: usize, device: &Device) -> Re
             fwd.push(t0.elapsed().as_secs_f64());
         }
     }
+    // Input pipeline on the bundled photos: decode is done once at open, so this is crop,
+    // resize, flip and normalisation of one batch.
+    let photos = crate::data::Dataset::bundled()?;
+    let mut data = Vec::new();
+    for augment in [Augment::Mae, Augment::Pixmim] {
+        let mut times = Vec::with_capacity(iters);
+        for i in 0..=iters {
+            let t0 = Instant::now();
+            photos.train_batch(i as u64, batch, s as u32, augment, 0)?;
+            if i > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        data.push(median(times));
+    }
     let (t, f) = (median(train), median(fwd));
     Ok(vec![
         format!("model={}", if cfg.is_mff() { "mff" } else { "mae" }),
@@ -88,5 +105,7 @@ pub fn run(cfg: &ModelConfig, batch: usize, iters: usize, device: &Device) -> Re
         format!("train_images_per_s={:.2}", batch as f64 / t),
         format!("forward_s={f:.4}"),
         format!("forward_images_per_s={:.2}", batch as f64 / f),
+        format!("data_mae_batch_s={:.4}", data[0]),
+        format!("data_pixmim_batch_s={:.4}", data[1]),
     ])
 }
