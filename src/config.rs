@@ -295,6 +295,23 @@ impl ModelConfig {
     }
 }
 
+/// A model small enough for unit tests: 16 px, patch 4, width 32, 2 blocks; norm_pix_loss on.
+#[cfg(test)]
+pub(crate) fn test_config() -> ModelConfig {
+    ModelConfig {
+        img_size: 16,
+        patch_size: 4,
+        embed_dim: 32,
+        depth: 2,
+        num_heads: 2,
+        decoder_embed_dim: 16,
+        decoder_depth: 1,
+        decoder_num_heads: 2,
+        norm_pix_loss: true,
+        ..ModelConfig::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

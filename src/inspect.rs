@@ -250,18 +250,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn tiny() -> ModelConfig {
-        ModelConfig {
-            img_size: 16,
-            patch_size: 4,
-            embed_dim: 32,
-            depth: 2,
-            num_heads: 2,
-            decoder_embed_dim: 16,
-            decoder_depth: 1,
-            decoder_num_heads: 2,
-            norm_pix_loss: true,
-            ..Default::default()
-        }
+        crate::config::test_config()
     }
 
     fn save(

@@ -286,16 +286,8 @@ mod tests {
 
     fn tiny(norm_pix_loss: bool) -> ModelConfig {
         ModelConfig {
-            img_size: 16,
-            patch_size: 4,
-            embed_dim: 32,
-            depth: 2,
-            num_heads: 2,
-            decoder_embed_dim: 16,
-            decoder_depth: 1,
-            decoder_num_heads: 2,
             norm_pix_loss,
-            ..Default::default()
+            ..crate::config::test_config()
         }
     }
 
