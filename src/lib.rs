@@ -3,6 +3,7 @@
 //! Shape notation, used in comments everywhere: B batch, C channels, H x W image, p patch size,
 //! L patches, K visible patches, N tokens, D encoder width, Dd decoder width, P = p*p*C.
 
+pub mod analysis;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;

@@ -21,6 +21,8 @@ pub struct EncoderTrace {
     /// Residual stream with cls first: `layers[0]` after the patch embedding (+ position, cls
     /// prepended), `layers[i]` after block i-1; `depth + 1` entries, each (B, N, D).
     pub layers: Vec<Tensor>,
+    /// Residual stream inside each block after its attention half, (B, N, D); `depth` entries.
+    pub attn: Vec<Tensor>,
     /// MFF's fused sequence before the final norm, (B, N, D).
     pub fused: Option<Tensor>,
     /// After the final norm: what the decoder receives, (B, N, D).
@@ -172,9 +174,11 @@ impl Mae {
     /// Blocks, optional fusion, final norm.
     fn run_blocks(&self, x: Tensor) -> Result<EncoderTrace> {
         let mut layers = Vec::with_capacity(self.blocks.len() + 1);
+        let mut attn = Vec::with_capacity(self.blocks.len());
         layers.push(x);
         for block in &self.blocks {
-            let next = block.forward(&layers[layers.len() - 1])?;
+            let (half, next) = block.forward_halves(&layers[layers.len() - 1])?;
+            attn.push(half);
             layers.push(next);
         }
         let fused = match &self.fusion {
@@ -193,6 +197,7 @@ impl Mae {
         let latent = self.norm.forward(last)?;
         Ok(EncoderTrace {
             layers,
+            attn,
             fused,
             latent,
         })

@@ -126,6 +126,19 @@ impl Mask {
         Tensor::from_vec(flat, ids.len(), device)
     }
 
+    /// Rows `start..start + n` of this mask (a micro-batch).
+    pub fn rows(&self, start: usize, n: usize) -> Mask {
+        let (k, l) = (self.len_keep, self.num_patches);
+        Mask {
+            batch: n,
+            num_patches: l,
+            len_keep: k,
+            ids_keep: self.ids_keep[start * k..(start + n) * k].to_vec(),
+            ids_restore: self.ids_restore[start * l..(start + n) * l].to_vec(),
+            mask: self.mask[start * l..(start + n) * l].to_vec(),
+        }
+    }
+
     /// The (B, L) mask tensor, 1 = removed.
     pub fn mask_tensor(&self, dtype: candle_core::DType, device: &Device) -> Result<Tensor> {
         Tensor::from_vec(self.mask.clone(), (self.batch, self.num_patches), device)?.to_dtype(dtype)

@@ -1,0 +1,373 @@
+//! The pre-training loss on one fixed batch and mask as a function of the trainable
+//! parameters, with its gradient and Hessian-vector products, on flat f64 vectors (parameters
+//! in name order, each flattened row-major).
+//!
+//! Two ways to multiply by the Hessian:
+//! - exact, by double backward: the gradient is built with its graph kept, and the gradient of
+//!   <g, v> is H v. candle keeps gradient graphs only on a thread that latched
+//!   `CANDLE_GRAD_DO_NOT_DETACH` at its first backward pass (CANDLE.md), so exact products run
+//!   inside [`with_second_order`], and nowhere else;
+//! - central finite differences of two gradients, (g(θ + εv) - g(θ - εv)) / 2ε, which needs no
+//!   switch and checks the exact products.
+//!
+//! The batch may be split into micro-batches to bound memory: every image has the same number
+//! of removed patches, so the batch loss is the mean of per-image losses and a micro-batch of n
+//! of B images contributes n/B of its own loss, gradient and Hessian.
+//!
+//! Weight decay, when asked for, adds (wd/2) ||θ_d||² over the decayed tensors (MAE's rule) to
+//! the objective: its gradient wd θ_d and Hessian wd on those coordinates are added exactly.
+
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::model::{Mae, Mask, ParamStore};
+use crate::train::optim::DecayRule;
+
+/// How Hessian-vector products are computed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HvpMethod {
+    /// Double backward (exact up to float rounding).
+    Exact,
+    /// Central differences of gradients with step `eps` along the unit direction.
+    FiniteDifference { eps: f64 },
+}
+
+impl HvpMethod {
+    pub fn describe(&self) -> String {
+        match self {
+            HvpMethod::Exact => "exact (double backward)".to_string(),
+            HvpMethod::FiniteDifference { eps } => {
+                format!("central finite differences of gradients (eps {eps:e})")
+            }
+        }
+    }
+}
+
+/// The loss of a model on one fixed batch and mask.
+pub struct Objective<'a> {
+    model: &'a Mae,
+    names: Vec<String>,
+    vars: Vec<Var>,
+    /// Weight-decay coefficient per tensor (0 where not decayed).
+    decay: Vec<f64>,
+    offsets: Vec<usize>,
+    /// Micro-batches: images and the matching rows of the mask, with their weight n/B.
+    chunks: Vec<(Tensor, Mask, f64)>,
+}
+
+impl<'a> Objective<'a> {
+    /// `images` (B, C, H, W) with `mask` (B rows), split into micro-batches of at most
+    /// `micro_batch` images; `weight_decay` 0 leaves it out of the objective.
+    pub fn new(
+        model: &'a Mae,
+        store: &ParamStore,
+        images: &Tensor,
+        mask: &Mask,
+        micro_batch: usize,
+        weight_decay: f64,
+        rule: DecayRule,
+    ) -> Result<Objective<'a>> {
+        let b = images.dim(0)?;
+        if b != mask.batch || b == 0 {
+            bail!(
+                "{b} images but a mask for {} (must match and be > 0)",
+                mask.batch
+            );
+        }
+        let mb = micro_batch.clamp(1, b);
+        let mut chunks = Vec::new();
+        for start in (0..b).step_by(mb) {
+            let n = mb.min(b - start);
+            chunks.push((
+                images.narrow(0, start, n)?,
+                mask.rows(start, n),
+                n as f64 / b as f64,
+            ));
+        }
+        let (mut names, mut vars, mut decay, mut offsets) = (vec![], vec![], vec![], vec![0]);
+        for (name, var) in store.trainable() {
+            let rank = var.as_tensor().rank();
+            decay.push(if rule.decays(name, rank) {
+                weight_decay
+            } else {
+                0.0
+            });
+            names.push(name.clone());
+            vars.push(var.clone());
+            offsets.push(offsets[offsets.len() - 1] + var.as_tensor().elem_count());
+        }
+        Ok(Objective {
+            model,
+            names,
+            vars,
+            decay,
+            offsets,
+            chunks,
+        })
+    }
+
+    /// Number of parameters (the length of every vector here).
+    pub fn len(&self) -> usize {
+        self.offsets[self.offsets.len() - 1]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    fn dtype(&self) -> DType {
+        self.vars[0].as_tensor().dtype()
+    }
+
+    fn device(&self) -> Device {
+        self.vars[0].as_tensor().device().clone()
+    }
+
+    /// The parameters as one flat vector.
+    pub fn params(&self) -> Result<Vec<f64>> {
+        let ts: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
+        flatten(&ts)
+    }
+
+    /// Splits a flat vector into tensors shaped like the parameters.
+    pub fn unflatten(&self, v: &[f64]) -> Result<Vec<Tensor>> {
+        if v.len() != self.len() {
+            bail!("vector of {} values for {} parameters", v.len(), self.len());
+        }
+        let dev = self.device();
+        self.vars
+            .iter()
+            .enumerate()
+            .map(|(i, var)| {
+                let part = v[self.offsets[i]..self.offsets[i + 1]].to_vec();
+                Ok(
+                    Tensor::from_vec(part, var.as_tensor().shape(), &dev)?
+                        .to_dtype(self.dtype())?,
+                )
+            })
+            .collect()
+    }
+
+    fn decay_term(&self, v: &[f64], out: &mut [f64]) {
+        for (i, &wd) in self.decay.iter().enumerate() {
+            if wd != 0.0 {
+                for j in self.offsets[i]..self.offsets[i + 1] {
+                    out[j] += wd * v[j];
+                }
+            }
+        }
+    }
+
+    /// The objective's value.
+    pub fn loss(&self) -> Result<f64> {
+        let mut total = 0.0;
+        for (imgs, mask, w) in &self.chunks {
+            let l = self.model.forward(imgs, mask)?.loss;
+            total += w * l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        let theta = self.params()?;
+        let mut reg = vec![0.0; theta.len()];
+        self.decay_term(&theta, &mut reg);
+        Ok(total + 0.5 * dot(&reg, &theta))
+    }
+
+    /// The objective's gradient.
+    pub fn gradient(&self) -> Result<Vec<f64>> {
+        let mut g = vec![0.0; self.len()];
+        for (imgs, mask, w) in &self.chunks {
+            let grads = self.model.forward(imgs, mask)?.loss.backward()?;
+            let parts = self.collect(&grads)?;
+            add_scaled(&mut g, &flatten(&parts)?, *w);
+        }
+        let theta = self.params()?;
+        self.decay_term(&theta, &mut g);
+        Ok(g)
+    }
+
+    /// Each parameter's entry of `grads`, zeros where the loss does not reach it.
+    fn collect(&self, grads: &candle_core::backprop::GradStore) -> Result<Vec<Tensor>> {
+        self.vars
+            .iter()
+            .map(|v| match grads.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => Ok(v.as_tensor().zeros_like()?),
+            })
+            .collect()
+    }
+
+    /// H v by central differences: (g(θ + εv) - g(θ - εv)) / 2ε; the parameters are restored
+    /// bit for bit afterwards.
+    pub fn hvp_finite_difference(&self, v: &[f64], eps: f64) -> Result<Vec<f64>> {
+        let saved: Vec<Tensor> = self
+            .vars
+            .iter()
+            .map(|x| x.as_tensor().copy())
+            .collect::<candle_core::Result<_>>()?;
+        let theta = self.params()?;
+        let result = (|| {
+            let mut out = vec![0.0; self.len()];
+            for sign in [1.0, -1.0] {
+                let shifted: Vec<f64> = theta
+                    .iter()
+                    .zip(v)
+                    .map(|(t, d)| t + sign * eps * d)
+                    .collect();
+                for (var, t) in self.vars.iter().zip(self.unflatten(&shifted)?) {
+                    var.set(&t)?;
+                }
+                add_scaled(&mut out, &self.gradient()?, sign / (2.0 * eps));
+            }
+            Ok(out)
+        })();
+        for (var, t) in self.vars.iter().zip(&saved) {
+            var.set(t)?;
+        }
+        // The decay term is linear in θ, so the difference already holds wd v exactly (up to
+        // rounding); nothing to add.
+        result
+    }
+
+    /// H v by double backward. Must run inside [`with_second_order`]; fails otherwise.
+    pub fn hvp_exact(&self, v: &[f64]) -> Result<Vec<f64>> {
+        if !second_order_enabled() {
+            bail!(
+                "exact Hessian-vector products must run inside with_second_order (this thread \
+                 detaches gradient graphs)"
+            );
+        }
+        let vt = self.unflatten(v)?;
+        let mut out = vec![0.0; self.len()];
+        for (imgs, mask, w) in &self.chunks {
+            let grads = self.model.forward(imgs, mask)?.loss.backward()?;
+            let g = self.collect(&grads)?;
+            let mut gv = Tensor::zeros((), self.dtype(), &self.device())?;
+            for (gi, vi) in g.iter().zip(&vt) {
+                gv = (gv + (gi * vi)?.sum_all()?)?;
+            }
+            let second = gv.backward()?;
+            let hv = self.collect(&second)?;
+            add_scaled(&mut out, &flatten(&hv)?, *w);
+        }
+        self.decay_term(v, &mut out);
+        Ok(out)
+    }
+
+    /// H v with `method`.
+    pub fn hvp(&self, v: &[f64], method: HvpMethod) -> Result<Vec<f64>> {
+        match method {
+            HvpMethod::Exact => self.hvp_exact(v),
+            HvpMethod::FiniteDifference { eps } => self.hvp_finite_difference(v, eps),
+        }
+    }
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn add_scaled(acc: &mut [f64], x: &[f64], w: f64) {
+    acc.iter_mut().zip(x).for_each(|(a, b)| *a += w * b);
+}
+
+/// Tensors concatenated into one flat f64 vector.
+fn flatten(ts: &[Tensor]) -> Result<Vec<f64>> {
+    let mut out = Vec::new();
+    for t in ts {
+        out.extend(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+    }
+    Ok(out)
+}
+
+/// The variable candle's backward pass reads once per thread (candle-core backprop.rs).
+const DO_NOT_DETACH: &str = "CANDLE_GRAD_DO_NOT_DETACH";
+
+/// d²(x⁴)/dx² at x = 1.5 by double backward, with x⁴ as ((x·x)·x)·x: 27 when this thread keeps
+/// gradient graphs, 15.75 when it detaches them (the detached partial gradients drop terms).
+/// Running it latches the calling thread's mode.
+fn second_derivative_probe() -> Result<f64> {
+    let x = Var::new(1.5f64, &Device::Cpu)?;
+    let t = x.as_tensor();
+    let y = ((t * t)? * t)?.mul(t)?;
+    let g = y.backward()?;
+    let dx = g.get(x.as_tensor()).context("probe: no gradient")?.clone();
+    let g2 = dx.backward()?;
+    Ok(g2
+        .get(x.as_tensor())
+        .map(|t| t.to_scalar::<f64>())
+        .transpose()?
+        .unwrap_or(0.0))
+}
+
+/// Held while the variable is set, so no two callers interleave their set and restore.
+static ENV: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    static SECOND_ORDER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn second_order_enabled() -> bool {
+    SECOND_ORDER.with(|c| c.get())
+}
+
+/// Runs `f` on a fresh thread whose backward passes keep their graphs, so double backward gives
+/// exact second derivatives.
+///
+/// candle reads `CANDLE_GRAD_DO_NOT_DETACH` once per thread, at that thread's first backward
+/// pass. So: set the variable, start a thread, make it run a first backward (the probe, which
+/// also checks the result: 27, not 15.75), then put the variable back as it was. Only that thread
+/// keeps graphs; every other thread (training included) is unaffected, which a test checks.
+pub fn with_second_order<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = std::env::var_os(DO_NOT_DETACH);
+        std::env::set_var(DO_NOT_DETACH, "1");
+        let worker = s.spawn(move || -> Result<T> {
+            let probe = second_derivative_probe();
+            let _ = tx.send(());
+            let value = probe?;
+            if (value - 27.0).abs() > 1e-9 {
+                bail!(
+                    "second-order gradients are unavailable (probe gave {value}, expected 27); \
+                     use --hvp fd"
+                );
+            }
+            SECOND_ORDER.with(|c| c.set(true));
+            f()
+        });
+        let _ = rx.recv();
+        match previous {
+            Some(v) => std::env::set_var(DO_NOT_DETACH, v),
+            None => std::env::remove_var(DO_NOT_DETACH),
+        }
+        drop(guard);
+        worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("the Hessian worker thread panicked"))?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_order_is_confined_to_its_thread() {
+        assert_eq!(with_second_order(second_derivative_probe).unwrap(), 27.0);
+        // A thread started afterwards detaches as usual (candle's default). The lock keeps a
+        // concurrent test's with_second_order from setting the variable meanwhile.
+        let other = {
+            let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
+            std::thread::spawn(second_derivative_probe).join().unwrap()
+        };
+        assert_eq!(other.unwrap(), 15.75);
+        // And exact products refuse to run outside.
+        assert!(!second_order_enabled());
+    }
+}

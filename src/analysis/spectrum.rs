@@ -1,0 +1,246 @@
+//! Fourier analysis of feature maps (Park & Kim, "How Do Vision Transformers Work?", ICLR 2022;
+//! reused by the MFF paper's frequency plots), REFERENCE.md section 3.
+//!
+//! For one feature tensor of N = h*w tokens (cls dropped) and C channels: every (sample, channel)
+//! map is reshaped row-major to (h, w), transformed by a 2-D FFT (rows, then columns), turned
+//! into log(|F| + 1e-6), and averaged over samples and channels. After fftshift the zero
+//! frequency sits at (h/2, w/2); the curve is the half diagonal (h/2+m, w/2+m) for
+//! m = 0..h/2-1 minus its first element (the DC value): the relative log amplitude
+//! Delta log amplitude at frequency m*2*pi/h. Pure functions on slices; no tensors.
+
+use rustfft::num_complex::Complex;
+use rustfft::FftPlanner;
+
+use super::features::Layer;
+
+/// log(|F| + EPS), as the reference.
+pub const EPS: f64 = 1e-6;
+
+/// Sums log amplitudes of (h, w) maps over any number of feature batches.
+#[derive(Debug, Clone)]
+pub struct Accumulator {
+    h: usize,
+    w: usize,
+    /// Unshifted sum of log(|F| + EPS), (h, w) row-major.
+    sum: Vec<f64>,
+    /// Number of maps added.
+    count: usize,
+}
+
+impl Accumulator {
+    pub fn new(h: usize, w: usize) -> Accumulator {
+        Accumulator {
+            h,
+            w,
+            sum: vec![0.0; h * w],
+            count: 0,
+        }
+    }
+
+    /// Adds the `batch * channels` maps of `tokens`, a (batch, h*w, channels) row-major array:
+    /// the map of (b, c) is `tokens[b, :, c]` read row-major as (h, w).
+    pub fn add(&mut self, tokens: &[f32], batch: usize, channels: usize) {
+        let (h, w) = (self.h, self.w);
+        let n = h * w;
+        assert_eq!(
+            tokens.len(),
+            batch * n * channels,
+            "tokens are not (B, h*w, C)"
+        );
+        let mut planner = FftPlanner::<f64>::new();
+        let (row_fft, col_fft) = (planner.plan_fft_forward(w), planner.plan_fft_forward(h));
+        // One sample at a time: C maps laid out (C, h, w), then (C, w, h) for the columns.
+        let mut maps = vec![Complex::new(0.0, 0.0); channels * n];
+        let mut cols = vec![Complex::new(0.0, 0.0); channels * n];
+        let mut scratch = vec![
+            Complex::new(0.0, 0.0);
+            row_fft
+                .get_inplace_scratch_len()
+                .max(col_fft.get_inplace_scratch_len())
+        ];
+        for sample in tokens.chunks_exact(n * channels) {
+            for (t, token) in sample.chunks_exact(channels).enumerate() {
+                for (c, &v) in token.iter().enumerate() {
+                    maps[c * n + t] = Complex::new(v as f64, 0.0);
+                }
+            }
+            row_fft.process_with_scratch(&mut maps, &mut scratch); // every row of every map
+            for c in 0..channels {
+                for i in 0..h {
+                    for j in 0..w {
+                        cols[c * n + j * h + i] = maps[c * n + i * w + j];
+                    }
+                }
+            }
+            col_fft.process_with_scratch(&mut cols, &mut scratch); // every column
+            for map in cols.chunks_exact(n) {
+                for j in 0..w {
+                    for i in 0..h {
+                        self.sum[i * w + j] += (map[j * h + i].norm() + EPS).ln();
+                    }
+                }
+            }
+        }
+        self.count += batch * channels;
+    }
+
+    /// The mean log-amplitude map, fftshifted so the zero frequency is at (h/2, w/2).
+    pub fn finish(&self) -> LogAmplitude {
+        let (h, w) = (self.h, self.w);
+        let scale = 1.0 / self.count.max(1) as f64;
+        let mut map = vec![0.0; h * w];
+        for i in 0..h {
+            for j in 0..w {
+                // fftshift: shifted[k] = original[(k - n/2) mod n] (numpy's roll by n/2).
+                let (si, sj) = ((i + h / 2) % h, (j + w / 2) % w);
+                map[si * w + sj] = self.sum[i * w + j] * scale;
+            }
+        }
+        LogAmplitude { h, w, map }
+    }
+}
+
+/// Mean log amplitude over samples and channels, zero frequency at (h/2, w/2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogAmplitude {
+    pub h: usize,
+    pub w: usize,
+    /// (h, w) row-major.
+    pub map: Vec<f64>,
+}
+
+impl LogAmplitude {
+    /// The half diagonal from the centre minus its DC value: h/2 values (the Nyquist corner
+    /// is never included), at frequencies [`frequencies`].
+    pub fn delta_diagonal(&self) -> Vec<f64> {
+        let (h, w) = (self.h, self.w);
+        let (ci, cj) = (h / 2, w / 2);
+        let dc = self.map[ci * w + cj];
+        (0..h / 2)
+            .map(|m| self.map[(ci + m) * w + (cj + m)] - dc)
+            .collect()
+    }
+}
+
+/// Frequencies of [`LogAmplitude::delta_diagonal`] in units of pi: m*2/h for m = 0..h/2-1.
+pub fn frequencies(h: usize) -> Vec<f64> {
+    (0..h / 2).map(|m| 2.0 * m as f64 / h as f64).collect()
+}
+
+/// The relative log-amplitude curve of one (batch, h*w, channels) feature array.
+pub fn delta_log_amplitude(tokens: &[f32], batch: usize, h: usize, w: usize) -> Vec<f64> {
+    let channels = tokens.len() / (batch * h * w).max(1);
+    let mut acc = Accumulator::new(h, w);
+    acc.add(tokens, batch, channels);
+    acc.finish().delta_diagonal()
+}
+
+/// The relative log-amplitude curve of one layer of one checkpoint: a block of the
+/// `spectrum.csv` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Curve {
+    pub checkpoint: String,
+    pub layer: Layer,
+    /// Frequencies in units of pi.
+    pub freq: Vec<f64>,
+    pub delta: Vec<f64>,
+}
+
+impl Curve {
+    /// Delta log amplitude at the highest frequency (the depth plot's value).
+    pub fn high_freq(&self) -> f64 {
+        self.delta.last().copied().unwrap_or(0.0)
+    }
+}
+
+/// `spectrum.csv`: checkpoint,layer,freq,delta_log_amplitude.
+pub fn spectrum_csv(curves: &[Curve]) -> String {
+    let mut s = String::from("checkpoint,layer,freq,delta_log_amplitude\n");
+    for c in curves {
+        for (f, d) in c.freq.iter().zip(&c.delta) {
+            s += &format!("{},{},{f:.6},{d:.8}\n", c.checkpoint, c.layer.name);
+        }
+    }
+    s
+}
+
+/// `depth.csv`: checkpoint,layer,depth,high_freq_delta.
+pub fn depth_csv(curves: &[Curve]) -> String {
+    let mut s = String::from("checkpoint,layer,depth,high_freq_delta\n");
+    for c in curves {
+        s += &format!(
+            "{},{},{:.6},{:.8}\n",
+            c.checkpoint,
+            c.layer.name,
+            c.layer.depth,
+            c.high_freq()
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A constant map c: F(0,0) = c*h*w and F = 0 elsewhere, so (REFERENCE.md section 3)
+    /// Delta(m > 0) = log(1e-6) - log(c*h*w + 1e-6).
+    #[test]
+    fn constant_map_has_the_analytic_curve() {
+        let (h, w, c) = (8, 8, 0.7f32);
+        let d = delta_log_amplitude(&vec![c; 2 * h * w * 3], 2, h, w);
+        assert_eq!(d.len(), 4);
+        assert_eq!(d[0], 0.0);
+        let want = EPS.ln() - (c as f64 * 64.0 + EPS).ln();
+        for v in &d[1..] {
+            assert!((v - want).abs() < 1e-9, "{v} vs {want}");
+        }
+    }
+
+    /// A pure cosine along the diagonal, cos(2 pi k (i + j) / h), puts h*w/2 at (k, k) and at
+    /// (-k, -k) and nothing elsewhere (not even at DC): the curve is
+    /// log(h*w/2 + 1e-6) - log(1e-6) at m = k and 0 at every other m.
+    #[test]
+    fn diagonal_cosine_lands_on_its_frequency() {
+        let (h, w, k) = (8usize, 8usize, 2usize);
+        let tokens: Vec<f32> = (0..h * w)
+            .map(|t| {
+                let (i, j) = (t / w, t % w);
+                (2.0 * std::f64::consts::PI * (k * (i + j)) as f64 / h as f64).cos() as f32
+            })
+            .collect();
+        let mut acc = Accumulator::new(h, w);
+        acc.add(&tokens, 1, 1);
+        let la = acc.finish();
+        // |F| = h*w/2 at (h/2 + k, w/2 + k) after the shift, ~0 at the DC centre.
+        let peak = la.map[(h / 2 + k) * w + (w / 2 + k)];
+        assert!((peak - (32.0f64 + EPS).ln()).abs() < 1e-6, "peak {peak}");
+        let d = la.delta_diagonal();
+        assert!(
+            (d[k] - ((32.0f64 + EPS).ln() - EPS.ln())).abs() < 1e-6,
+            "{d:?}"
+        );
+        assert!(d[1].abs() < 1e-3 && d[3].abs() < 1e-3, "{d:?}");
+    }
+
+    /// Channels and samples are averaged: one channel constant 1 and one channel constant 2
+    /// give the mean of their two log maps.
+    #[test]
+    fn averages_over_samples_and_channels() {
+        let (h, w) = (4, 4);
+        let mut tokens = vec![0f32; h * w * 2];
+        for t in 0..h * w {
+            tokens[t * 2] = 1.0;
+            tokens[t * 2 + 1] = 2.0;
+        }
+        let d = delta_log_amplitude(&tokens, 1, h, w);
+        let dc = (16f64 + EPS).ln() / 2.0 + (32f64 + EPS).ln() / 2.0;
+        assert!((d[1] - (EPS.ln() - dc)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn frequencies_are_in_units_of_pi() {
+        assert_eq!(frequencies(8), vec![0.0, 0.25, 0.5, 0.75]);
+        assert_eq!(frequencies(14).len(), 7);
+    }
+}
