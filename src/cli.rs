@@ -35,6 +35,16 @@ pub enum Command {
     },
     /// Time one training step and one unmasked encoder forward on synthetic inputs.
     Bench(BenchArgs),
+    /// Fourier spectra (relative log amplitude) of encoder features, per layer and checkpoint.
+    Spectrum(SpectrumArgs),
+    /// MFF fusion weights: the trajectory of a run folder, or the weights of checkpoints.
+    Fusion(FusionArgs),
+    /// Top Hessian eigenvalues of the pre-training loss by power iteration, per batch.
+    Hessian(HessianArgs),
+    /// The main job: train MAE and MFF `tiny`, run all three analyses, write report.md.
+    Reproduce(ReproduceArgs),
+    /// Run a recipe: a TOML file of commands (see analyses/).
+    Run(RunArgs),
 }
 
 /// Where to compute.
@@ -320,6 +330,191 @@ pub struct BenchModel {
     pub model: ModelKind,
     #[arg(long, value_enum, default_value = "tiny")]
     pub preset: Preset,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SpectrumArgs {
+    /// Weights file (.safetensors); repeat to compare several in one figure.
+    #[arg(long = "checkpoint", required = true)]
+    pub checkpoints: Vec<PathBuf>,
+    /// Image folder; default: the bundled photos.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// How many images (the first ones in sorted path order).
+    #[arg(long, default_value_t = 64)]
+    pub images: usize,
+    /// Images per forward pass (memory only; the result does not depend on it).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Also analyse the stream after each block's attention residual (layers `i.5`).
+    #[arg(long)]
+    pub sublayers: bool,
+    /// Output folder (tables and figures).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+impl SpectrumArgs {
+    pub fn settings(&self) -> crate::commands::spectrum::SpectrumSettings {
+        crate::commands::spectrum::SpectrumSettings {
+            checkpoints: self.checkpoints.clone(),
+            data: self.data.clone(),
+            images: self.images,
+            batch_size: self.batch_size,
+            sublayers: self.sublayers,
+            out: self.out.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FusionArgs {
+    /// A run folder (plots its fusion_weights.csv), or checkpoint files (tabulates their weights).
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Folder for the figures; default: the run folder, or the current folder for checkpoints.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Checkpoints: also write the table (checkpoint,block,weight) to this CSV file.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+}
+
+/// How Hessian-vector products are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HvpKind {
+    /// Double backward.
+    Exact,
+    /// Central finite differences of two gradients.
+    Fd,
+}
+
+/// Floating-point type of an analysis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    F32,
+    F64,
+}
+
+impl Precision {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::F64 => candle_core::DType::F64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HessianArgs {
+    /// Weights file (.safetensors); repeat to compare several on identical batches.
+    #[arg(long = "checkpoint", required = true)]
+    pub checkpoints: Vec<PathBuf>,
+    /// Image folder; default: the bundled photos.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Number of fixed mini-batches (one top-k search each).
+    #[arg(long, default_value_t = 4)]
+    pub batches: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Images per forward/backward pass within a batch (memory only).
+    #[arg(long, default_value_t = 16)]
+    pub micro_batch: usize,
+    /// Eigenvalues per batch, by deflation.
+    #[arg(long, default_value_t = 1)]
+    pub top_k: usize,
+    /// Power-iteration cap per eigenvalue.
+    #[arg(long, default_value_t = 100)]
+    pub max_iters: usize,
+    /// Stop when the eigenvalue changes by less than this, relatively.
+    #[arg(long, default_value_t = 1e-3)]
+    pub tol: f64,
+    /// Seed of the masks and of the power-iteration start vectors.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Fraction of patches removed.
+    #[arg(long, default_value_t = 0.75)]
+    pub mask_ratio: f64,
+    /// Add (wd/2)·||θ||² over the decayed tensors (MAE's rule) to the objective; 0 = loss only.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Hessian-vector products: exact double backward, or finite differences of gradients.
+    #[arg(long, value_enum, default_value = "exact")]
+    pub hvp: HvpKind,
+    /// Finite-difference step along the unit direction (with --hvp fd).
+    #[arg(long, default_value_t = 1e-3)]
+    pub fd_eps: f64,
+    /// Also estimate the trace (Hutchinson) with this many Rademacher samples per batch.
+    #[arg(long, default_value_t = 0, num_args = 0..=1, default_missing_value = "50")]
+    pub trace: usize,
+    /// Floating-point type of the computation.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+impl HessianArgs {
+    pub fn settings(&self) -> crate::commands::hessian::HessianSettings {
+        use crate::analysis::hvp::HvpMethod;
+        crate::commands::hessian::HessianSettings {
+            checkpoints: self.checkpoints.clone(),
+            data: self.data.clone(),
+            batches: self.batches,
+            batch_size: self.batch_size,
+            micro_batch: self.micro_batch,
+            top_k: self.top_k,
+            power: crate::analysis::hessian::PowerSettings {
+                max_iters: self.max_iters,
+                tol: self.tol,
+            },
+            seed: self.seed,
+            mask_ratio: self.mask_ratio,
+            weight_decay: self.weight_decay,
+            method: match self.hvp {
+                HvpKind::Exact => HvpMethod::Exact,
+                HvpKind::Fd => HvpMethod::FiniteDifference { eps: self.fd_eps },
+            },
+            trace_samples: self.trace,
+            dtype: self.precision.dtype(),
+            out: self.out.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReproduceArgs {
+    /// Output folder (runs, analyses and report.md); rerunning skips finished training.
+    #[arg(long, default_value = "runs/reproduce")]
+    pub out: PathBuf,
+    /// Image folder; default: the bundled photos.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Work multiplier: training steps and Hessian batches scale with it (1 = about 10
+    /// minutes on a 2-core CPU).
+    #[arg(long, default_value_t = 1.0)]
+    pub budget: f64,
+    /// Seed of both runs and of the analyses.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Augmentation of both runs (the same for both, so only the fusion differs).
+    #[arg(long, default_value = "mae", value_parser = ["mae", "pixmim"])]
+    pub augment: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Recipe file (TOML): `[[step]]` tables, each a `command` and its flags.
+    pub recipe: PathBuf,
 }
 
 #[cfg(test)]

@@ -442,14 +442,19 @@ impl Dataset {
     /// its shorter side is `size` (bicubic, CatmullRom), then centre-cropped to size x size;
     /// ImageNet-normalised, [n,3,size,size].
     pub fn eval_batch(&self, n: usize, size: u32) -> Result<Vec<f32>> {
+        let idx: Vec<usize> = (0..n.min(self.len())).collect();
+        self.eval_images(&idx, size)
+    }
+
+    /// The images at `indices` (sorted-order positions), prepared as [`Dataset::eval_batch`].
+    pub fn eval_images(&self, indices: &[usize], size: u32) -> Result<Vec<f32>> {
         if size == 0 {
             bail!("evaluation images need a positive size (got 0)");
         }
-        let n = n.min(self.len());
         let per = 3 * (size as usize) * (size as usize);
-        let mut out = vec![0f32; n * per];
+        let mut out = vec![0f32; indices.len() * per];
         parallel_fill(&mut out, per, |i, chunk| {
-            let img = self.image(i)?;
+            let img = self.image(indices[i])?;
             normalize_chw(&resize_center_crop(&img, size), chunk);
             Ok(())
         })?;

@@ -25,6 +25,8 @@ pub enum Purpose {
     PowerIteration = 6,
     /// Synthetic inputs of `bench` and tests.
     Synthetic = 7,
+    /// Masks of the fixed batches of the Hessian analysis.
+    HessianMask = 8,
 }
 
 /// The stream for `(seed, purpose, index)`.

@@ -35,6 +35,8 @@ pub struct Eigen {
     /// Hessian-vector products spent on it.
     pub iterations: usize,
     pub converged: bool,
+    /// Wall time of its search.
+    pub seconds: f64,
 }
 
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {
@@ -82,6 +84,7 @@ pub fn top_eigen(
 ) -> Result<Vec<Eigen>> {
     let mut found: Vec<Eigen> = Vec::with_capacity(k);
     for _ in 0..k.min(n) {
+        let start = std::time::Instant::now();
         let mut v = normalized(gaussian(n, rng));
         let mut value: Option<f64> = None;
         let (mut iterations, mut converged) = (0, false);
@@ -104,6 +107,7 @@ pub fn top_eigen(
             vector: v,
             iterations,
             converged,
+            seconds: start.elapsed().as_secs_f64(),
         });
     }
     Ok(found)

@@ -10,6 +10,9 @@
 //! - central finite differences of two gradients, (g(θ + εv) - g(θ - εv)) / 2ε, which needs no
 //!   switch and checks the exact products.
 //!
+//! With one micro-batch, exact products reuse the gradient graph built by the first product
+//! (each product is then one extra backward pass); with several, each product rebuilds them.
+//!
 //! The batch may be split into micro-batches to bound memory: every image has the same number
 //! of removed patches, so the batch loss is the mean of per-image losses and a micro-batch of n
 //! of B images contributes n/B of its own loss, gradient and Hessian.
@@ -55,6 +58,11 @@ pub struct Objective<'a> {
     offsets: Vec<usize>,
     /// Micro-batches: images and the matching rows of the mask, with their weight n/B.
     chunks: Vec<(Tensor, Mask, f64)>,
+    /// The parameters at construction, flat (restored after every finite difference).
+    theta: Vec<f64>,
+    /// Exact products with a single micro-batch: the gradient with its graph, built once and
+    /// reused by every product (each product is then one backward pass).
+    graph: std::cell::RefCell<Option<Vec<Tensor>>>,
 }
 
 impl<'a> Objective<'a> {
@@ -98,6 +106,8 @@ impl<'a> Objective<'a> {
             vars.push(var.clone());
             offsets.push(offsets[offsets.len() - 1] + var.as_tensor().elem_count());
         }
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let theta = flatten(&ts)?;
         Ok(Objective {
             model,
             names,
@@ -105,6 +115,8 @@ impl<'a> Objective<'a> {
             decay,
             offsets,
             chunks,
+            theta,
+            graph: std::cell::RefCell::new(None),
         })
     }
 
@@ -130,9 +142,8 @@ impl<'a> Objective<'a> {
     }
 
     /// The parameters as one flat vector.
-    pub fn params(&self) -> Result<Vec<f64>> {
-        let ts: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
-        flatten(&ts)
+    pub fn params(&self) -> &[f64] {
+        &self.theta
     }
 
     /// Splits a flat vector into tensors shaped like the parameters.
@@ -171,22 +182,25 @@ impl<'a> Objective<'a> {
             let l = self.model.forward(imgs, mask)?.loss;
             total += w * l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         }
-        let theta = self.params()?;
-        let mut reg = vec![0.0; theta.len()];
-        self.decay_term(&theta, &mut reg);
-        Ok(total + 0.5 * dot(&reg, &theta))
+        let mut reg = vec![0.0; self.len()];
+        self.decay_term(&self.theta, &mut reg);
+        Ok(total + 0.5 * dot(&reg, &self.theta))
     }
 
     /// The objective's gradient.
     pub fn gradient(&self) -> Result<Vec<f64>> {
+        self.gradient_at(&self.theta)
+    }
+
+    /// The gradient with the parameters currently set to `theta` (for the decay term).
+    fn gradient_at(&self, theta: &[f64]) -> Result<Vec<f64>> {
         let mut g = vec![0.0; self.len()];
         for (imgs, mask, w) in &self.chunks {
             let grads = self.model.forward(imgs, mask)?.loss.backward()?;
             let parts = self.collect(&grads)?;
             add_scaled(&mut g, &flatten(&parts)?, *w);
         }
-        let theta = self.params()?;
-        self.decay_term(&theta, &mut g);
+        self.decay_term(theta, &mut g);
         Ok(g)
     }
 
@@ -209,11 +223,11 @@ impl<'a> Objective<'a> {
             .iter()
             .map(|x| x.as_tensor().copy())
             .collect::<candle_core::Result<_>>()?;
-        let theta = self.params()?;
         let result = (|| {
             let mut out = vec![0.0; self.len()];
             for sign in [1.0, -1.0] {
-                let shifted: Vec<f64> = theta
+                let shifted: Vec<f64> = self
+                    .theta
                     .iter()
                     .zip(v)
                     .map(|(t, d)| t + sign * eps * d)
@@ -221,7 +235,7 @@ impl<'a> Objective<'a> {
                 for (var, t) in self.vars.iter().zip(self.unflatten(&shifted)?) {
                     var.set(&t)?;
                 }
-                add_scaled(&mut out, &self.gradient()?, sign / (2.0 * eps));
+                add_scaled(&mut out, &self.gradient_at(&shifted)?, sign / (2.0 * eps));
             }
             Ok(out)
         })();
@@ -243,9 +257,21 @@ impl<'a> Objective<'a> {
         }
         let vt = self.unflatten(v)?;
         let mut out = vec![0.0; self.len()];
+        let single = self.chunks.len() == 1;
         for (imgs, mask, w) in &self.chunks {
-            let grads = self.model.forward(imgs, mask)?.loss.backward()?;
-            let g = self.collect(&grads)?;
+            let mut cache = self.graph.borrow_mut();
+            let g = match cache.as_ref() {
+                Some(g) if single => g.clone(),
+                _ => {
+                    let grads = self.model.forward(imgs, mask)?.loss.backward()?;
+                    let g = self.collect(&grads)?;
+                    if single {
+                        *cache = Some(g.clone());
+                    }
+                    g
+                }
+            };
+            drop(cache);
             let mut gv = Tensor::zeros((), self.dtype(), &self.device())?;
             for (gi, vi) in g.iter().zip(&vt) {
                 gv = (gv + (gi * vi)?.sum_all()?)?;
@@ -277,7 +303,7 @@ fn add_scaled(acc: &mut [f64], x: &[f64], w: f64) {
 
 /// Tensors concatenated into one flat f64 vector.
 fn flatten(ts: &[Tensor]) -> Result<Vec<f64>> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(ts.iter().map(Tensor::elem_count).sum());
     for t in ts {
         out.extend(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
     }

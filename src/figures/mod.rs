@@ -4,6 +4,8 @@
 //! (`assets/fonts/DejaVuSans.ttf`, registered once as "sans-serif"), so figures render the
 //! same on a machine without fonts. PNGs are written atomically.
 
+pub mod charts;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
@@ -20,7 +22,7 @@ use crate::checkpoint::write_atomic;
 /// The embedded font (DejaVu licence in `assets/fonts/LICENSE-DejaVu.txt`).
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 /// The family name the font is registered under.
-const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 
 /// Registers the embedded font with plotters (once per process); every figure calls this first.
 pub fn register_font() -> Result<()> {
@@ -142,7 +144,7 @@ fn text_size(font: &FontDesc, text: &str) -> Result<(u32, u32)> {
 }
 
 /// Encodes `img` as PNG and writes it atomically.
-fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
+pub(crate) fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
     let mut bytes = Vec::new();
     img.write_to(
         &mut std::io::Cursor::new(&mut bytes),
