@@ -397,3 +397,371 @@ fn bad_inputs_get_clear_errors() {
     let err = fails(&["inspect", s(&bad)]);
     assert!(err.contains("embed_dims"), "{err}");
 }
+
+/// The PyTorch-written fixture checkpoints (16 px, 4 blocks): MAE and MFF fusing block 0 and 2.
+fn fixtures() -> (PathBuf, PathBuf) {
+    (
+        crate::common::fixture("mae_tiny.safetensors"),
+        crate::common::fixture("mff_tiny.safetensors"),
+    )
+}
+
+fn csv_rows(path: &Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
+}
+
+fn assert_figure(base: &Path) {
+    let png = image::open(base.with_extension("png")).expect("figure PNG decodes");
+    assert!(png.width() >= 400 && png.height() >= 300);
+    let svg = std::fs::read_to_string(base.with_extension("svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<text"),
+        "SVG has no text"
+    );
+}
+
+#[test]
+fn spectrum_writes_tables_and_figures_for_every_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data_dir(tmp.path());
+    let (mae, mff) = fixtures();
+    let out = tmp.path().join("spec");
+    ok(&[
+        "spectrum",
+        "--checkpoint",
+        s(&mae),
+        "--checkpoint",
+        s(&mff),
+        "--data",
+        s(&data),
+        "--images",
+        "5",
+        "--batch-size",
+        "2",
+        "--sublayers",
+        "--out",
+        s(&out),
+    ]);
+    let rows = csv_rows(&out.join("spectrum.csv"));
+    assert_eq!(
+        rows[0],
+        ["checkpoint", "layer", "freq", "delta_log_amplitude"]
+    );
+    // 4 blocks: layers 0..4 and 0.5..3.5 = 9 curves (+ fused for MFF), 2 frequencies each.
+    assert_eq!(rows.len(), 1 + (9 + 10) * 2);
+    assert!(rows.iter().any(|r| r[0] == "mff_tiny" && r[1] == "fused"));
+    assert!(rows[1..]
+        .iter()
+        .filter(|r| r[2] == "0.000000")
+        .all(|r| r[3] == "0.00000000"));
+    let depth = csv_rows(&out.join("depth.csv"));
+    assert_eq!(
+        depth[0],
+        ["checkpoint", "layer", "depth", "high_freq_delta"]
+    );
+    assert_eq!(depth.len(), 1 + 19);
+    let last = depth
+        .iter()
+        .find(|r| r[0] == "mae_tiny" && r[1] == "4")
+        .unwrap();
+    assert_eq!(last[2], "1.000000");
+    assert_figure(&out.join("spectrum"));
+    assert_figure(&out.join("depth"));
+    let err = fails(&[
+        "spectrum",
+        "--checkpoint",
+        "nope.safetensors",
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("nope.safetensors"), "{err}");
+}
+
+#[test]
+fn fusion_tabulates_checkpoints_and_plots_a_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mae, mff) = fixtures();
+    let csv = tmp.path().join("w.csv");
+    let out = ok(&[
+        "fusion",
+        s(&mae),
+        s(&mff),
+        "--csv",
+        s(&csv),
+        "--out",
+        s(tmp.path()),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("mae_tiny.safetensors: no fusion weights"),
+        "{stdout}"
+    );
+    // The fixture's proj_weights are random logits; the table shows their softmax.
+    let t = crate::common::load("mff_tiny.safetensors", candle_core::DType::F64);
+    let logits = crate::common::to_vec(&t["proj_weights"]);
+    let z: f64 = logits.iter().map(|l| l.exp()).sum();
+    let rows = csv_rows(&csv);
+    assert_eq!(rows.len(), 1 + logits.len());
+    for (row, l) in rows[1..].iter().zip(&logits) {
+        let w: f64 = row[2].parse().unwrap();
+        assert!((w - l.exp() / z).abs() < 1e-6, "{row:?}");
+    }
+    assert_eq!((rows[1][1].as_str(), rows[2][1].as_str()), ("0", "2"));
+    assert_figure(&tmp.path().join("fusion_bars"));
+    let err = fails(&["fusion", s(&mae)]);
+    assert!(
+        err.contains("none of the checkpoints has fusion weights"),
+        "{err}"
+    );
+
+    // A run folder: the logged trajectory.
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(
+        run.join("fusion_weights.csv"),
+        "step,layer_0,layer_3\n0,0.5,0.5\n1,0.55,0.45\n2,0.6,0.4\n",
+    )
+    .unwrap();
+    let out = ok(&["fusion", s(&run)]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("block 0: 0.6000"));
+    assert_figure(&run.join("fusion_weights"));
+    let err = fails(&["fusion", s(tmp.path())]);
+    assert!(err.contains("fusion_weights.csv"), "{err}");
+}
+
+#[test]
+fn hessian_uses_identical_saved_batches_for_every_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data_dir(tmp.path());
+    let (mae, mff) = fixtures();
+    let out = tmp.path().join("h");
+    ok(&[
+        "hessian",
+        "--checkpoint",
+        s(&mae),
+        "--checkpoint",
+        s(&mff),
+        "--data",
+        s(&data),
+        "--batches",
+        "2",
+        "--batch-size",
+        "3",
+        "--micro-batch",
+        "2",
+        "--top-k",
+        "2",
+        "--max-iters",
+        "8",
+        "--trace",
+        "3",
+        "--out",
+        s(&out),
+    ]);
+    let rows = csv_rows(&out.join("hessian.csv"));
+    assert_eq!(
+        rows[0],
+        [
+            "checkpoint",
+            "batch",
+            "rank",
+            "eigenvalue",
+            "iterations",
+            "converged",
+            "seconds"
+        ]
+    );
+    assert_eq!(rows.len(), 1 + 2 * 2 * 2);
+    assert_eq!(csv_rows(&out.join("trace.csv")).len(), 1 + 2 * 2);
+    let info = std::fs::read_to_string(out.join("hessian_info.json")).unwrap();
+    assert!(
+        info.contains("exact (double backward)") && info.contains("no weight decay"),
+        "{info}"
+    );
+    assert_figure(&out.join("eigenvalues"));
+
+    // The saved batch reproduces the loss: images as fed, mask 1 = removed. The loss does not
+    // depend on the order of the visible tokens, so visible-first noise rebuilds the mask.
+    let b = mimscope::checkpoint::load_tensors(
+        &out.join("batches.safetensors"),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(b.tensors["images_1"].dims(), [3, 3, 16, 16]);
+    assert_eq!(b.tensors["mask_1"].dims(), [3, 16]);
+    let m: Vec<f32> = b.tensors["mask_1"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(m.chunks(16).all(|r| r.iter().sum::<f32>() == 12.0));
+    let noise: Vec<f32> = m
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + (i % 16) as f32 * 1e-3)
+        .collect();
+    let mask = mimscope::model::Mask::from_noise(&noise, 3, 16, 0.75);
+    let model =
+        mimscope::checkpoint::load_model(&mff, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap()
+            .model;
+    let loss: f64 = model
+        .forward(&b.tensors["images_1"], &mask)
+        .unwrap()
+        .loss
+        .to_scalar::<f32>()
+        .unwrap()
+        .into();
+    let logged = csv_rows(&out.join("batch_loss.csv"));
+    let want: f64 = logged
+        .iter()
+        .find(|r| r[0] == "mff_tiny" && r[1] == "1")
+        .unwrap()[2]
+        .parse()
+        .unwrap();
+    assert!((loss - want).abs() < 1e-5 * want, "{loss} vs {want}");
+
+    // Same batches, finite differences: the top eigenvalue agrees with the exact products.
+    let fd = tmp.path().join("fd");
+    ok(&[
+        "hessian",
+        "--checkpoint",
+        s(&mff),
+        "--data",
+        s(&data),
+        "--batches",
+        "1",
+        "--batch-size",
+        "3",
+        "--max-iters",
+        "60",
+        "--tol",
+        "1e-6",
+        "--hvp",
+        "fd",
+        "--precision",
+        "f64",
+        "--fd-eps",
+        "1e-4",
+        "--out",
+        s(&fd),
+    ]);
+    let ex = tmp.path().join("ex");
+    ok(&[
+        "hessian",
+        "--checkpoint",
+        s(&mff),
+        "--data",
+        s(&data),
+        "--batches",
+        "1",
+        "--batch-size",
+        "3",
+        "--max-iters",
+        "60",
+        "--tol",
+        "1e-6",
+        "--precision",
+        "f64",
+        "--out",
+        s(&ex),
+    ]);
+    let top = |d: &Path| -> f64 { csv_rows(&d.join("hessian.csv"))[1][3].parse().unwrap() };
+    assert!(
+        (top(&fd) - top(&ex)).abs() < 1e-6 * top(&ex).abs(),
+        "{} vs {}",
+        top(&fd),
+        top(&ex)
+    );
+
+    let err = fails(&[
+        "hessian",
+        "--checkpoint",
+        s(&mae),
+        "--batches",
+        "0",
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("--batches"), "{err}");
+}
+
+#[test]
+fn recipes_run_commands_and_name_the_bad_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data_dir(tmp.path());
+    let (mae, mff) = fixtures();
+    let recipe = tmp.path().join("r.toml");
+    let out = tmp.path().join("spec");
+    std::fs::write(
+        &recipe,
+        format!(
+            "description = \"spectra\"\n[[step]]\ncommand = \"spectrum\"\ncheckpoint = [{:?}, {:?}]\n\
+             data = {:?}\nimages = 2\nout = {:?}\n[[step]]\ncommand = \"fusion\"\npaths = [{:?}]\nout = {:?}\n",
+            s(&mae), s(&mff), s(&data), s(&out), s(&mff), s(&out)
+        ),
+    )
+    .unwrap();
+    ok(&["run", s(&recipe)]);
+    assert!(out.join("spectrum.csv").exists() && out.join("fusion_bars.png").exists());
+    std::fs::write(&recipe, "[[step]]\ncommand = \"spectrum\"\nimagez = 3\n").unwrap();
+    let err = fails(&["run", s(&recipe)]);
+    assert!(err.contains("step 1") && err.contains("--imagez"), "{err}");
+}
+
+#[test]
+fn reproduce_trains_both_models_analyses_them_and_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data_dir(tmp.path());
+    let out = tmp.path().join("repro");
+    // Budget 0.02: 2 training steps per model and one Hessian batch; the pipeline, not the
+    // science.
+    ok(&[
+        "reproduce",
+        "--data",
+        s(&data),
+        "--budget",
+        "0.02",
+        "--out",
+        s(&out),
+    ]);
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for needle in [
+        "| median top Hessian eigenvalue",
+        "final fusion weights",
+        "spectrum/spectrum.png",
+        "hessian/eigenvalues.png",
+        "Weights move to shallow layers?",
+    ] {
+        assert!(report.contains(needle), "report lacks {needle}:\n{report}");
+    }
+    for f in [
+        "mae/final.safetensors",
+        "mff/final.safetensors",
+        "mff/fusion_weights.csv",
+        "spectrum/depth.csv",
+        "fusion/fusion_weights.png",
+        "hessian/hessian.csv",
+        "hessian/batches.safetensors",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    // Rerunning skips the finished training runs.
+    let again = ok(&[
+        "reproduce",
+        "--data",
+        s(&data),
+        "--budget",
+        "0.02",
+        "--out",
+        s(&out),
+    ]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("is complete: training skipped"));
+    let err = fails(&["reproduce", "--budget", "0", "--out", s(&out)]);
+    assert!(err.contains("--budget"), "{err}");
+}

@@ -62,7 +62,7 @@ pub struct Objective<'a> {
     theta: Vec<f64>,
     /// Exact products with a single micro-batch: the gradient with its graph, built once and
     /// reused by every product (each product is then one backward pass).
-    graph: std::cell::RefCell<Option<Vec<Tensor>>>,
+    graph: Mutex<Option<Vec<Tensor>>>,
 }
 
 impl<'a> Objective<'a> {
@@ -116,7 +116,7 @@ impl<'a> Objective<'a> {
             offsets,
             chunks,
             theta,
-            graph: std::cell::RefCell::new(None),
+            graph: Mutex::new(None),
         })
     }
 
@@ -259,7 +259,7 @@ impl<'a> Objective<'a> {
         let mut out = vec![0.0; self.len()];
         let single = self.chunks.len() == 1;
         for (imgs, mask, w) in &self.chunks {
-            let mut cache = self.graph.borrow_mut();
+            let mut cache = self.graph.lock().unwrap_or_else(|e| e.into_inner());
             let g = match cache.as_ref() {
                 Some(g) if single => g.clone(),
                 _ => {
