@@ -52,7 +52,10 @@ fn run() -> Result<()> {
             };
             mimscope::reconstruct::run(&args, &device)?;
         }
-        Command::Inspect { checkpoint } => print!("{}", mimscope::inspect::run(&checkpoint)?),
+        Command::Inspect { checkpoint, arch } => print!(
+            "{}",
+            mimscope::inspect::run_with(&checkpoint, &arch.overrides())?
+        ),
         Command::Bench(a) => {
             let device = a.device.device()?;
             let cfg = mimscope::bench::bench_config(a.model.model, a.model.preset);
@@ -60,6 +63,10 @@ fn run() -> Result<()> {
                 println!("{line}");
             }
         }
+        Command::Convert(a) => print!(
+            "{}",
+            mimscope::convert::run(&a.input, &a.output, &a.arch.overrides())?
+        ),
     }
     Ok(())
 }
