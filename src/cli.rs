@@ -44,7 +44,8 @@ pub enum Command {
     /// Keys are renamed to MAE's; the architecture comes from the tensor shapes, except what
     /// weights do not store: the head counts (default: the preset of the same width), the fused
     /// MFF blocks (default: mmpretrain's [0,2,4,6,8] scaled to the depth, when the file fuses
-    /// that many) and norm_pix_loss (default on). Every command also reads such files directly.
+    /// that many) and norm_pix_loss (default on). Every command also reads such files
+    /// directly when these defaults fit.
     Convert(ConvertArgs),
 }
 
@@ -288,7 +289,8 @@ impl TrainArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ReconstructCli {
-    /// Weights file (.safetensors) written by mimscope or PyTorch with MAE's names.
+    /// Weights file: mimscope's .safetensors, or a .pth / .safetensors with MAE's or mmpretrain's
+    /// names whose config can be inferred (else `mimscope convert` it first).
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Image folder; default: the bundled photos.

@@ -133,15 +133,14 @@ pub fn mmpretrain_key(key: &str) -> MmKey {
                     Some(k.to_string())
                 } else if let Some(rest) = k.strip_prefix("decoder_blocks.") {
                     mmpretrain_blocks(rest, "decoder_blocks")
-                } else if let Some(rest) = k.strip_prefix("ln1.") {
+                } else {
                     // MAEPretrainDecoder's final norm: mmpretrain/models/necks/mae_neck.py builds
                     // it with mmcv's `build_norm_layer(norm_cfg, decoder_embed_dim, postfix=1)`,
                     // which names a LayerNorm `ln` + postfix, and registers it under that name
                     // (`self.add_module(self.decoder_norm_name, ...)`): `neck.ln1.*`;
                     // `decoder_norm` is only a property.
-                    Some(format!("decoder_norm.{rest}"))
-                } else {
-                    None
+                    k.strip_prefix("ln1.")
+                        .map(|rest| format!("decoder_norm.{rest}"))
                 }
             }
         }

@@ -6,3 +6,4 @@ mod cli;
 mod gradcheck;
 mod invariants;
 mod parity;
+mod pth;
