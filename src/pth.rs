@@ -263,20 +263,16 @@ fn describe(obj: &Object) -> String {
         Object::Int(_) | Object::Long(_) => "an integer".into(),
         Object::Float(_) => "a float".into(),
         Object::None => "None".into(),
-        Object::Reduce { callable, .. } | Object::Build { callable, .. } => match &**callable {
-            Object::Class {
-                module_name,
-                class_name,
-            } => format!("a {module_name}.{class_name} object"),
-            Object::Reduce { callable, .. } => match &**callable {
+        // An object built from a class (`torch.save(model)` pickles the nn.Module's class).
+        Object::Reduce { callable, .. } | Object::Build { callable, .. } => {
+            match callable.as_ref() {
                 Object::Class {
                     module_name,
                     class_name,
                 } => format!("a {module_name}.{class_name} object"),
-                _ => "a Python object".into(),
-            },
-            _ => "a Python object".into(),
-        },
+                inner => describe(inner),
+            }
+        }
         _ => "a Python object".into(),
     }
 }
