@@ -6,6 +6,9 @@
 //! `safetensors.torch.load_file`. Training state (AdamW moments and the step) lives in a second
 //! file beside it. Every file is written to a temporary name, synced, then renamed, so a crash
 //! never leaves a half-written checkpoint under the final name.
+//!
+//! [`load_model`] also reads checkpoints written by other code (PyTorch `.pth`, mmpretrain key
+//! names, no stored config) through [`crate::convert::import`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -15,6 +18,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
+use crate::convert::{self, ModelOverrides};
 use crate::model::{Mae, ParamStore};
 
 /// Metadata key of the model config JSON.
@@ -119,31 +123,62 @@ pub struct Loaded {
 }
 
 /// Loads a weights file, rebuilds its model from the stored config, and checks every tensor
-/// name and shape both ways.
+/// name and shape both ways. Besides mimscope's safetensors, it reads PyTorch `.pth` files and
+/// safetensors without a stored config, in facebookresearch/mae or mmpretrain key names, with
+/// the config inferred from the shapes and defaults (see [`crate::convert`]); notes on what was
+/// assumed go to stderr. For the fields shapes cannot tell, use [`load_model_with`].
 pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
-    let file = load_tensors(path, dtype, device)?;
-    let json = file.metadata.get(CONFIG_KEY).with_context(|| {
-        format!(
-            "{} has no `config` metadata; write it with \
-             safetensors.torch.save_file(sd, path, metadata={{\"config\": json.dumps(cfg)}}) \
-             using MAE's constructor names",
-            path.display()
-        )
-    })?;
-    let cfg = ModelConfig::from_json(json).with_context(|| format!("in {}", path.display()))?;
-    let store = ParamStore::from_tensors(file.tensors)?;
-    let model = Mae::from_store(&cfg, &store, dtype, device).map_err(|e| {
+    load_model_with(path, &ModelOverrides::default(), dtype, device)
+}
+
+/// [`load_model`] with the architecture fields that a file without a stored config cannot tell
+/// (heads, fused blocks, norm_pix_loss); they also override a stored config.
+pub fn load_model_with(
+    path: &Path,
+    overrides: &ModelOverrides,
+    dtype: DType,
+    device: &Device,
+) -> Result<Loaded> {
+    let imported = convert::import(path, overrides, dtype, device)?;
+    for note in &imported.notes {
+        eprintln!("note: {note}");
+    }
+    if imported.inferred.is_some() {
+        eprintln!(
+            "note: {} stores no mimscope config; inferred {}",
+            path.display(),
+            imported.cfg.to_json()?
+        );
+    }
+    if imported.encoder_only {
+        return Err(convert::encoder_only_error(path));
+    }
+    let (model, store) = build_model(path, &imported.cfg, imported.tensors, dtype, device)?;
+    Ok(Loaded {
+        model,
+        store,
+        metadata: imported.metadata,
+    })
+}
+
+/// The model of `cfg` on `tensors` (MAE names) read from `path`, every tensor name and shape
+/// checked both ways.
+pub fn build_model(
+    path: &Path,
+    cfg: &ModelConfig,
+    tensors: BTreeMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Mae, ParamStore)> {
+    let store = ParamStore::from_tensors(tensors)?;
+    let model = Mae::from_store(cfg, &store, dtype, device).map_err(|e| {
         anyhow::anyhow!(
             "{} does not match its config ({}): {e}",
             path.display(),
             cfg.to_json().unwrap_or_default()
         )
     })?;
-    Ok(Loaded {
-        model,
-        store,
-        metadata: file.metadata,
-    })
+    Ok((model, store))
 }
 
 /// File names of the checkpoint after `step` optimiser steps.

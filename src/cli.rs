@@ -30,8 +30,11 @@ pub enum Command {
     Reconstruct(ReconstructCli),
     /// Show a checkpoint's config, parameter counts and fusion weights.
     Inspect {
-        /// A weights file (.safetensors).
+        /// A weights file: mimscope's .safetensors, or a .pth / .safetensors from mmpretrain or
+        /// facebookresearch/mae (its config is inferred; see `mimscope convert --help`).
         checkpoint: PathBuf,
+        #[command(flatten)]
+        arch: ImportArgs,
     },
     /// Time one training step and one unmasked encoder forward on synthetic inputs.
     Bench(BenchArgs),
@@ -45,6 +48,15 @@ pub enum Command {
     Reproduce(ReproduceArgs),
     /// Run a recipe: a TOML file of commands (see analyses/).
     Run(RunArgs),
+    /// Convert a PyTorch checkpoint (.pth from mmpretrain's MAE/MFF or facebookresearch/mae),
+    /// or a safetensors file without mimscope's config, into mimscope's format.
+    ///
+    /// Keys are renamed to MAE's; the architecture comes from the tensor shapes, except what
+    /// weights do not store: the head counts (default: the preset of the same width), the fused
+    /// MFF blocks (default: mmpretrain's [0,2,4,6,8] scaled to the depth, when the file fuses
+    /// that many) and norm_pix_loss (default on). Every command also reads such files
+    /// directly when these defaults fit.
+    Convert(ConvertArgs),
 }
 
 /// Where to compute.
@@ -287,7 +299,8 @@ impl TrainArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ReconstructCli {
-    /// Weights file (.safetensors) written by mimscope or PyTorch with MAE's names.
+    /// Weights file: mimscope's .safetensors, or a .pth / .safetensors with MAE's or mmpretrain's
+    /// names whose config can be inferred (else `mimscope convert` it first).
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Image folder; default: the bundled photos.
@@ -589,4 +602,48 @@ mod tests {
             .is_err());
         assert!(parse(&["--warmup-steps", "300"]).resolve(10).is_err());
     }
+}
+
+/// What a checkpoint's tensor shapes cannot tell; used when the file stores no mimscope config
+/// (and overriding a stored one).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ImportArgs {
+    /// Encoder attention heads (default: the preset of the same width: 192 -> 3, 384 -> 6,
+    /// 768 -> 12, 1024 and 1280 -> 16).
+    #[arg(long)]
+    pub num_heads: Option<usize>,
+    /// Decoder attention heads (default: the preset of the same decoder width: 512 -> 16 as
+    /// MAE's, 128 -> 4).
+    #[arg(long)]
+    pub decoder_num_heads: Option<usize>,
+    /// MFF: the shallow fused blocks, 0-based, e.g. `0,2,4,6,8` (mmpretrain's out_indices
+    /// without the last block). Default: that list scaled to the depth, if the file fuses as
+    /// many blocks.
+    #[arg(long)]
+    pub fuse_layers: Option<String>,
+    /// Raw-pixel loss targets (default: norm_pix_loss on, as MAE's and MFF's released runs).
+    #[arg(long)]
+    pub no_norm_pix_loss: bool,
+}
+
+impl ImportArgs {
+    pub fn overrides(&self) -> crate::convert::ModelOverrides {
+        crate::convert::ModelOverrides {
+            num_heads: self.num_heads,
+            decoder_num_heads: self.decoder_num_heads,
+            fuse_layers: self.fuse_layers.clone(),
+            norm_pix_loss: self.no_norm_pix_loss.then_some(false),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConvertArgs {
+    /// Input checkpoint: .pth (torch.save zip; weights under `state_dict`, `model` or bare) or
+    /// .safetensors.
+    pub input: PathBuf,
+    /// Output weights file (.safetensors), written atomically.
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub arch: ImportArgs,
 }

@@ -4,6 +4,10 @@
 //! the stored [`ModelConfig`], the number of scalars per part of the model (MAE state-dict
 //! prefixes, see [`Part`]), the trainable total (everything but the frozen sin-cos tables
 //! [`FROZEN`]) and, for MFF, the fused blocks with their softmax weights.
+//!
+//! Any file [`crate::convert::import`] reads can be inspected, including encoder-only ones
+//! (MAE's released `mae_pretrain_vit_*.pth`): their encoder is checked by building the model
+//! with zero placeholders for the decoder, which are never counted or run.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -14,8 +18,9 @@ use candle_core::{DType, Device};
 
 use crate::checkpoint;
 use crate::config::{Fusion as FusionKind, ModelConfig};
+use crate::convert::{self, ModelOverrides};
 use crate::model::params::FROZEN;
-use crate::model::ParamStore;
+use crate::model::{Mae, ParamStore};
 
 /// A part of the model, by the MAE state-dict name of its tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -111,7 +116,7 @@ fn thousands(n: usize) -> String {
 }
 
 /// Every config field, one `name = value` line each, in declaration order.
-fn config_lines(cfg: &ModelConfig) -> Vec<(&'static str, String)> {
+pub(crate) fn config_lines(cfg: &ModelConfig) -> Vec<(&'static str, String)> {
     // Destructured without `..`: a new config field fails to compile here until it is shown.
     let ModelConfig {
         img_size,
@@ -149,14 +154,52 @@ fn config_lines(cfg: &ModelConfig) -> Vec<(&'static str, String)> {
 
 /// The `inspect` report of the checkpoint at `checkpoint` (see the module docs).
 pub fn run(checkpoint: &Path) -> Result<String> {
-    let loaded = checkpoint::load_model(checkpoint, DType::F32, &Device::Cpu)
-        .with_context(|| format!("inspecting {}", checkpoint.display()))?;
-    let cfg = &loaded.model.cfg;
+    run_with(checkpoint, &ModelOverrides::default())
+}
+
+/// Zero placeholders for the decoder of `cfg` (drawn from a one-block model of the same decoder,
+/// then zeroed), so that an encoder-only file can be checked by building the whole model.
+fn decoder_placeholders(cfg: &ModelConfig) -> Result<BTreeMap<String, candle_core::Tensor>> {
+    let scratch = ModelConfig {
+        depth: 1,
+        fuse_layers: Vec::new(),
+        ..cfg.clone()
+    };
+    let (_, store) = Mae::init(&scratch, 0, DType::F32, &Device::Cpu)?;
+    let mut out = BTreeMap::new();
+    for (name, t) in store.tensors() {
+        if Part::of(&name) == Part::Decoder {
+            out.insert(name, t.zeros_like()?);
+        }
+    }
+    Ok(out)
+}
+
+/// [`run`] with the architecture fields that a file without a stored config cannot tell.
+pub fn run_with(checkpoint: &Path, overrides: &ModelOverrides) -> Result<String> {
+    let inspecting = || format!("inspecting {}", checkpoint.display());
+    let imported = convert::import(checkpoint, overrides, DType::F32, &Device::Cpu)
+        .with_context(inspecting)?;
+    let cfg = &imported.cfg;
+    let mut tensors = imported.tensors.clone();
+    if imported.encoder_only {
+        tensors.extend(decoder_placeholders(cfg).with_context(inspecting)?);
+    }
+    let (model, _) = checkpoint::build_model(checkpoint, cfg, tensors, DType::F32, &Device::Cpu)
+        .with_context(inspecting)?;
+    let stored = ParamStore::from_tensors(imported.tensors.clone())?;
     let mut r = String::new();
     writeln!(r, "checkpoint: {}", checkpoint.display())?;
-    match loaded.metadata.get("step") {
+    writeln!(r, "format: {}", imported.describe())?;
+    match imported.metadata.get("step") {
         Some(step) => writeln!(r, "step: {step}")?,
         None => writeln!(r, "step: (not recorded)")?,
+    }
+    if let Some(epoch) = imported.metadata.get("epoch") {
+        writeln!(r, "epoch: {epoch}")?;
+    }
+    for note in &imported.notes {
+        writeln!(r, "note: {note}")?;
     }
     if cfg.is_mff() {
         writeln!(
@@ -168,13 +211,32 @@ pub fn run(checkpoint: &Path) -> Result<String> {
     } else {
         writeln!(r, "model: MAE (no fusion)")?;
     }
-
-    writeln!(r, "\nconfig:")?;
-    for (name, value) in config_lines(cfg) {
-        writeln!(r, "  {name:<18} {value}")?;
+    if imported.encoder_only {
+        writeln!(
+            r,
+            "encoder only: the file has no decoder (commands other than inspect need one)"
+        )?;
     }
 
-    let c = ParamCounts::of(&loaded.store);
+    writeln!(r, "\nconfig:")?;
+    let why: BTreeMap<&str, &str> = imported
+        .inferred
+        .iter()
+        .flatten()
+        .map(|(f, w)| (*f, w.as_str()))
+        .collect();
+    for (name, value) in config_lines(cfg) {
+        let decoder_field = name.starts_with("decoder_");
+        if imported.encoder_only && decoder_field {
+            writeln!(r, "  {name:<18} (no decoder in the file)")?;
+        } else if let Some(w) = why.get(name) {
+            writeln!(r, "  {name:<18} {value}  ({w})")?;
+        } else {
+            writeln!(r, "  {name:<18} {value}")?;
+        }
+    }
+
+    let c = ParamCounts::of(&stored);
     let mut rows: Vec<(String, usize)> = vec![
         ("patch_embed".into(), c.part(Part::PatchEmbed)),
         ("cls_token + pos_embed".into(), c.part(Part::ClsPos)),
@@ -196,13 +258,15 @@ pub fn run(checkpoint: &Path) -> Result<String> {
         .collect();
         rows.push((format!("fusion ({})", pieces.join(", ")), c.fusion()));
     }
-    rows.push((
+    let decoder = if imported.encoder_only {
+        "decoder (none in the file)".to_string()
+    } else {
         format!(
             "decoder ({} blocks, mask_token, decoder_pos_embed)",
             cfg.decoder_depth
-        ),
-        c.part(Part::Decoder),
-    ));
+        )
+    };
+    rows.push((decoder, c.part(Part::Decoder)));
     if c.part(Part::Other) > 0 {
         rows.push(("other".into(), c.part(Part::Other)));
     }
@@ -217,7 +281,7 @@ pub fn run(checkpoint: &Path) -> Result<String> {
         writeln!(r, "  {name:<width$} {:>12}", thousands(*n))?;
     }
     writeln!(r)?;
-    match loaded.model.fusion() {
+    match model.fusion() {
         None => writeln!(r, "fusion: MAE (no fusion)")?,
         Some(f) => match f.weights()? {
             None => {

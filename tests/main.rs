@@ -7,3 +7,4 @@ mod cli;
 mod gradcheck;
 mod invariants;
 mod parity;
+mod pth;

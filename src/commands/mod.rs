@@ -33,8 +33,15 @@ pub fn execute(command: Command) -> Result<()> {
             };
             crate::reconstruct::run(&args, &device)
         }
-        Command::Inspect { checkpoint } => {
-            print!("{}", crate::inspect::run(&checkpoint)?);
+        Command::Inspect { checkpoint, arch } => {
+            print!("{}", crate::inspect::run_with(&checkpoint, &arch.overrides())?);
+            Ok(())
+        }
+        Command::Convert(a) => {
+            print!(
+                "{}",
+                crate::convert::run(&a.input, &a.output, &a.arch.overrides())?
+            );
             Ok(())
         }
         Command::Bench(a) => {
