@@ -520,6 +520,9 @@ pub struct ReproduceArgs {
     /// Augmentation of both runs (the same for both, so only the fusion differs).
     #[arg(long, default_value = "mae", value_parser = ["mae", "pixmim"])]
     pub augment: String,
+    /// Base learning rate of both runs (lr = blr x batch / 256), MAE's default.
+    #[arg(long, default_value_t = 1.5e-4)]
+    pub blr: f64,
     #[command(flatten)]
     pub device: DeviceArgs,
 }

@@ -266,6 +266,7 @@ fn micro_model() -> (Mae, mimscope::model::ParamStore, Tensor, Mask) {
 }
 
 /// Eigenvalues of a symmetric matrix by cyclic Jacobi rotations (Golub & Van Loan 8.5).
+#[allow(clippy::needless_range_loop)] // index arithmetic mirrors the textbook
 fn jacobi_eigenvalues(mut a: Vec<Vec<f64>>) -> Vec<f64> {
     let n = a.len();
     for _sweep in 0..100 {
@@ -303,6 +304,7 @@ fn jacobi_eigenvalues(mut a: Vec<Vec<f64>>) -> Vec<f64> {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn full_hessian_of_a_micro_model_gives_the_power_iteration_eigenvalues_in_order() {
     let (model, store, imgs, mask) = micro_model();
     let obj = Objective::new(&model, &store, &imgs, &mask, 2, 0.0, rule()).unwrap();

@@ -34,7 +34,10 @@ pub fn execute(command: Command) -> Result<()> {
             crate::reconstruct::run(&args, &device)
         }
         Command::Inspect { checkpoint, arch } => {
-            print!("{}", crate::inspect::run_with(&checkpoint, &arch.overrides())?);
+            print!(
+                "{}",
+                crate::inspect::run_with(&checkpoint, &arch.overrides())?
+            );
             Ok(())
         }
         Command::Convert(a) => {

@@ -40,10 +40,10 @@ impl Plan {
         }
         let scale = |x: f64| (x * budget).round().max(1.0);
         Ok(Plan {
-            steps: scale(120.0) as u64,
+            steps: scale(200.0) as u64,
             batch_size: 32,
             spectrum_images: 64,
-            hessian_batches: scale(3.0) as usize,
+            hessian_batches: scale(4.0) as usize,
             hessian_batch_size: 8,
             hessian_max_iters: 20,
         })
@@ -105,12 +105,14 @@ pub fn run(args: &ReproduceArgs) -> Result<Outcome> {
             &plan.batch_size.to_string(),
             "--augment",
             &args.augment,
+            "--blr",
+            &args.blr.to_string(),
             "--out",
             &dir.display().to_string(),
         ]);
         a.extend(common.clone());
         let Command::Train(train) = parse(&a)? else {
-            unreachable!("parsed a train command line")
+            bail!("internal: the train command line parsed as another command");
         };
         super::train_or_continue(&train)?;
         timings.push((format!("train {kind}"), t.elapsed().as_secs_f64()));
@@ -140,7 +142,7 @@ pub fn run(args: &ReproduceArgs) -> Result<Outcome> {
         a.extend(["--data".to_string(), d.display().to_string()]);
     }
     let Command::Spectrum(sp) = parse(&a)? else {
-        unreachable!("parsed a spectrum command line")
+        bail!("internal: the spectrum command line parsed as another command");
     };
     let curves = super::spectrum::run(&sp.settings(), &sp.device.device()?)?;
     timings.push(("spectrum".to_string(), t.elapsed().as_secs_f64()));
@@ -176,7 +178,7 @@ pub fn run(args: &ReproduceArgs) -> Result<Outcome> {
     a.extend(ck("--checkpoint"));
     a.extend(common.clone());
     let Command::Hessian(h) = parse(&a)? else {
-        unreachable!("parsed a hessian command line")
+        bail!("internal: the hessian command line parsed as another command");
     };
     let hessian = super::hessian::run(&h.settings(), &h.device.device()?)?;
     timings.push(("hessian".to_string(), t.elapsed().as_secs_f64()));
@@ -250,7 +252,7 @@ pub fn report(args: &ReproduceArgs, plan: &Plan, o: &Outcome, timings: &[(String
     let mut s = String::new();
     s += "# MAE vs MFF-MAE: the MFF paper's three analyses at `tiny` scale\n\n";
     s += &format!(
-        "Both models: preset `tiny`, {} steps of {} images from {data}, `{}` augmentation, seed {}, \
+        "Both models: preset `tiny`, {} steps of {} images from {data}, `{}` augmentation, blr {}, seed {}, \
          mask ratio 0.75; they differ only in the fusion. Spectra on the first {} images \
          (unmasked encoder); Hessian on {} fixed batches of {} images with fixed masks, \
          identical for both models ({}, top eigenvalue by power iteration, at most {} \
@@ -258,6 +260,7 @@ pub fn report(args: &ReproduceArgs, plan: &Plan, o: &Outcome, timings: &[(String
         plan.steps,
         plan.batch_size,
         args.augment,
+        args.blr,
         args.seed,
         plan.spectrum_images,
         plan.hessian_batches,
@@ -283,6 +286,25 @@ pub fn report(args: &ReproduceArgs, plan: &Plan, o: &Outcome, timings: &[(String
     s += &format!(
         "| median top Hessian eigenvalue over {} batches | {med_mae:.4} | {med_mff:.4} |\n",
         top_mae.len()
+    );
+    let cost = |ck: &str| {
+        o.hessian
+            .costs
+            .iter()
+            .find(|c| c.checkpoint == ck)
+            .map_or("-".to_string(), |c| {
+                format!(
+                    "{:.1} ({:.2} s / {:.2} s)",
+                    c.hvp_s / c.gradient_s,
+                    c.hvp_s,
+                    c.gradient_s
+                )
+            })
+    };
+    s += &format!(
+        "| one Hessian-vector product, in gradients (seconds) | {} | {} |\n",
+        cost(mae),
+        cost(mff)
     );
     let weights = o.fusion.as_ref().map_or("-".to_string(), |f| {
         f.blocks

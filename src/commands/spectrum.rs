@@ -88,12 +88,14 @@ pub fn run(s: &SpectrumSettings, device: &Device) -> Result<Vec<Curve>> {
     for (path, label) in paths.iter().zip(&labels) {
         let loaded = load_model(path, DType::F32, device)?;
         let size = loaded.model.cfg.img_size;
-        if !inputs.contains_key(&size) {
-            let n = s.images.min(ds.len());
-            let data = ds.eval_batch(n, size as u32)?;
-            inputs.insert(size, Tensor::from_vec(data, (n, 3, size, size), device)?);
-        }
-        let imgs = &inputs[&size];
+        let imgs = match inputs.entry(size) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let n = s.images.min(ds.len());
+                let data = ds.eval_batch(n, size as u32)?;
+                e.insert(Tensor::from_vec(data, (n, 3, size, size), device)?)
+            }
+        };
         eprintln!(
             "spectrum: {label} ({}) on {} images of {size}px",
             path.display(),

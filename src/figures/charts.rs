@@ -42,6 +42,21 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("{e}")
 }
 
+/// Draws the series labels in a framed box at `pos`.
+fn legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    pos: SeriesLabelPosition,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(pos)
+        .label_font((FAMILY, 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)
+}
+
 /// A figure that can be drawn on any plotters backend.
 pub trait Chart {
     /// Pixels (PNG) or points (SVG).
@@ -187,14 +202,7 @@ impl Chart for SpectrumPanels<'_> {
                     });
                 }
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::LowerLeft)
-                .label_font((FAMILY, 13))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()
-                .map_err(err)?;
+            legend(&mut chart, SeriesLabelPosition::LowerLeft)?;
         }
         Ok(())
     }
@@ -256,14 +264,7 @@ impl Chart for DepthLines<'_> {
                 .map(|c| TriangleMarker::new((c.layer.depth, c.high_freq()), 7, color.filled()));
             chart.draw_series(fused).map_err(err)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .label_font((FAMILY, 13))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, SeriesLabelPosition::LowerLeft)?;
         Ok(())
     }
 }
@@ -283,16 +284,19 @@ impl Chart for FusionTrajectory<'_> {
         root.fill(&WHITE).map_err(err)?;
         let t = self.trajectory;
         let xmax = t.steps.iter().copied().max().unwrap_or(1).max(1) as f64;
-        let (_, yhi) = padded(t.weights.iter().flatten().copied(), true);
+        // The data's own range, so small moves stay visible (the tick labels give the scale).
+        let (ylo, yhi) = padded(t.weights.iter().flatten().copied(), false);
         let mut chart = ChartBuilder::on(root)
             .caption(self.title, (FAMILY, 20))
             .margin(12)
             .x_label_area_size(42)
             .y_label_area_size(60)
-            .build_cartesian_2d(0.0..xmax, 0.0..yhi)
+            .build_cartesian_2d(0.0..xmax, ylo..yhi)
             .map_err(err)?;
         chart
             .configure_mesh()
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.5}"))
             .x_desc("training step")
             .y_desc("fusion weight (softmax)")
             .label_style((FAMILY, 13))
@@ -320,14 +324,7 @@ impl Chart for FusionTrajectory<'_> {
                     PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3))
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font((FAMILY, 13))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         Ok(())
     }
 }
@@ -452,6 +449,8 @@ impl Chart for EigenDistribution<'_> {
             .map_err(err)?;
         chart
             .configure_mesh()
+            .x_labels(12)
+            .x_label_formatter(&|x| format!("{x:.3}"))
             .x_desc("top eigenvalue λ₁ (log scale)")
             .y_desc("batches")
             .label_style((FAMILY, 13))
@@ -487,14 +486,7 @@ impl Chart for EigenDistribution<'_> {
                     PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3))
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font((FAMILY, 13))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         Ok(())
     }
 }
