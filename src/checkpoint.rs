@@ -181,6 +181,58 @@ pub fn build_model(
     Ok((model, store))
 }
 
+/// For analyses of the encoder alone (spectra, fusion weights): [`load_model_with`], except that a
+/// file holding only the encoder (MAE's released `mae_pretrain_vit_*.pth`) gets zero
+/// placeholders for the decoder, which these analyses never run. The flag says which happened.
+pub fn load_encoder(
+    path: &Path,
+    overrides: &ModelOverrides,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Loaded, bool)> {
+    let imported = convert::import(path, overrides, dtype, device)?;
+    if !imported.encoder_only {
+        return load_model_with(path, overrides, dtype, device).map(|l| (l, false));
+    }
+    for note in &imported.notes {
+        eprintln!("note: {note}");
+    }
+    eprintln!(
+        "note: {} holds the encoder only; its decoder is zero placeholders, never run",
+        path.display()
+    );
+    let mut tensors = imported.tensors;
+    tensors.extend(decoder_placeholders(&imported.cfg)?);
+    let (model, store) = build_model(path, &imported.cfg, tensors, dtype, device)?;
+    Ok((
+        Loaded {
+            model,
+            store,
+            metadata: imported.metadata,
+        },
+        true,
+    ))
+}
+
+/// Zero placeholders for the decoder of `cfg` (`decoder_*` and `mask_token`, drawn from a
+/// one-block model of the same decoder, then zeroed), so that an encoder-only file can be built
+/// into a whole model.
+pub fn decoder_placeholders(cfg: &ModelConfig) -> Result<BTreeMap<String, Tensor>> {
+    let scratch = ModelConfig {
+        depth: 1,
+        fuse_layers: Vec::new(),
+        ..cfg.clone()
+    };
+    let (_, store) = Mae::init(&scratch, 0, DType::F32, &Device::Cpu)?;
+    let mut out = BTreeMap::new();
+    for (name, t) in store.tensors() {
+        if name == "mask_token" || name.starts_with("decoder_") {
+            out.insert(name, t.zeros_like()?);
+        }
+    }
+    Ok(out)
+}
+
 /// File names of the checkpoint after `step` optimiser steps.
 pub fn checkpoint_paths(dir: &Path, step: u64) -> (PathBuf, PathBuf) {
     (

@@ -365,6 +365,9 @@ pub struct SpectrumArgs {
     /// Output folder (tables and figures).
     #[arg(long)]
     pub out: PathBuf,
+    /// Architecture of checkpoints that store no mimscope config (.pth).
+    #[command(flatten)]
+    pub arch: ImportArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -378,6 +381,7 @@ impl SpectrumArgs {
             batch_size: self.batch_size,
             sublayers: self.sublayers,
             out: self.out.clone(),
+            overrides: self.arch.overrides(),
         }
     }
 }
@@ -393,6 +397,9 @@ pub struct FusionArgs {
     /// Checkpoints: also write the table (checkpoint,block,weight) to this CSV file.
     #[arg(long)]
     pub csv: Option<PathBuf>,
+    /// Architecture of checkpoints that store no mimscope config (.pth).
+    #[command(flatten)]
+    pub arch: ImportArgs,
 }
 
 /// How Hessian-vector products are computed.
@@ -470,6 +477,9 @@ pub struct HessianArgs {
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
+    /// Architecture of checkpoints that store no mimscope config (.pth).
+    #[command(flatten)]
+    pub arch: ImportArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -498,6 +508,7 @@ impl HessianArgs {
             trace_samples: self.trace,
             dtype: self.precision.dtype(),
             out: self.out.clone(),
+            overrides: self.arch.overrides(),
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::checkpoint;
 use crate::config::{Fusion as FusionKind, ModelConfig};
 use crate::convert::{self, ModelOverrides};
 use crate::model::params::FROZEN;
-use crate::model::{Mae, ParamStore};
+use crate::model::ParamStore;
 
 /// A part of the model, by the MAE state-dict name of its tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -157,24 +157,6 @@ pub fn run(checkpoint: &Path) -> Result<String> {
     run_with(checkpoint, &ModelOverrides::default())
 }
 
-/// Zero placeholders for the decoder of `cfg` (drawn from a one-block model of the same decoder,
-/// then zeroed), so that an encoder-only file can be checked by building the whole model.
-fn decoder_placeholders(cfg: &ModelConfig) -> Result<BTreeMap<String, candle_core::Tensor>> {
-    let scratch = ModelConfig {
-        depth: 1,
-        fuse_layers: Vec::new(),
-        ..cfg.clone()
-    };
-    let (_, store) = Mae::init(&scratch, 0, DType::F32, &Device::Cpu)?;
-    let mut out = BTreeMap::new();
-    for (name, t) in store.tensors() {
-        if Part::of(&name) == Part::Decoder {
-            out.insert(name, t.zeros_like()?);
-        }
-    }
-    Ok(out)
-}
-
 /// [`run`] with the architecture fields that a file without a stored config cannot tell.
 pub fn run_with(checkpoint: &Path, overrides: &ModelOverrides) -> Result<String> {
     let inspecting = || format!("inspecting {}", checkpoint.display());
@@ -183,7 +165,7 @@ pub fn run_with(checkpoint: &Path, overrides: &ModelOverrides) -> Result<String>
     let cfg = &imported.cfg;
     let mut tensors = imported.tensors.clone();
     if imported.encoder_only {
-        tensors.extend(decoder_placeholders(cfg).with_context(inspecting)?);
+        tensors.extend(checkpoint::decoder_placeholders(cfg).with_context(inspecting)?);
     }
     let (model, _) = checkpoint::build_model(checkpoint, cfg, tensors, DType::F32, &Device::Cpu)
         .with_context(inspecting)?;

@@ -765,3 +765,88 @@ fn reproduce_trains_both_models_analyses_them_and_reports() {
     let err = fails(&["reproduce", "--budget", "0", "--out", s(&out)]);
     assert!(err.contains("--budget"), "{err}");
 }
+
+#[test]
+fn analyses_read_pth_checkpoints_in_both_layouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data_dir(tmp.path());
+    let fx = crate::common::fixture;
+    // MAE's encoder-only release layout: the spectra need only the encoder, and equal those of
+    // the full safetensors checkpoint holding the same weights.
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let enc = fx("mae_tiny_encoder.pth");
+    ok(&[
+        "spectrum",
+        "--checkpoint",
+        s(&enc),
+        "--num-heads",
+        "4",
+        "--data",
+        s(&data),
+        "--images",
+        "3",
+        "--out",
+        s(&a),
+    ]);
+    let full = fx("mae_tiny.safetensors");
+    ok(&[
+        "spectrum",
+        "--checkpoint",
+        s(&full),
+        "--data",
+        s(&data),
+        "--images",
+        "3",
+        "--out",
+        s(&b),
+    ]);
+    let values = |d: &Path| -> Vec<Vec<String>> {
+        csv_rows(&d.join("spectrum.csv"))
+            .into_iter()
+            .map(|r| r[1..].to_vec())
+            .collect()
+    };
+    assert_eq!(values(&a), values(&b));
+    // The Hessian needs the decoder: a clear error.
+    let err = fails(&[
+        "hessian",
+        "--checkpoint",
+        s(&enc),
+        "--num-heads",
+        "4",
+        "--out",
+        s(&tmp.path().join("h")),
+    ]);
+    assert!(err.contains("encoder only"), "{err}");
+    // mmpretrain layout (backbone./neck.): the same fusion weights as the safetensors fixture.
+    let mm = fx("mff_tiny_mmpretrain.pth");
+    let (c1, c2) = (tmp.path().join("c1.csv"), tmp.path().join("c2.csv"));
+    ok(&[
+        "fusion",
+        s(&mm),
+        "--num-heads",
+        "4",
+        "--decoder-num-heads",
+        "3",
+        "--fuse-layers",
+        "0,2",
+        "--csv",
+        s(&c1),
+        "--out",
+        s(tmp.path()),
+    ]);
+    ok(&[
+        "fusion",
+        s(&fx("mff_tiny.safetensors")),
+        "--csv",
+        s(&c2),
+        "--out",
+        s(tmp.path()),
+    ]);
+    let weights = |p: &Path| -> Vec<Vec<String>> {
+        csv_rows(p).into_iter().map(|r| r[1..].to_vec()).collect()
+    };
+    assert_eq!(weights(&c1), weights(&c2));
+    let err = fails(&["fusion", s(&mm)]);
+    assert!(err.contains("--num-heads"), "{err}");
+}

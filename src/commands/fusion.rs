@@ -7,7 +7,8 @@ use candle_core::{DType, Device};
 
 use crate::analysis::checkpoint_labels;
 use crate::analysis::fusion::{weights_csv, weights_table, CheckpointWeights, Trajectory};
-use crate::checkpoint::{load_model, write_atomic};
+use crate::checkpoint::{load_encoder, write_atomic};
+use crate::convert::ModelOverrides;
 use crate::figures::charts::{save, FusionBars, FusionTrajectory};
 use crate::train::FUSION_FILE;
 
@@ -20,6 +21,8 @@ pub struct FusionSettings {
     pub out: Option<PathBuf>,
     /// Checkpoints: also write the table as CSV here.
     pub csv: Option<PathBuf>,
+    /// Architecture of files without a stored config.
+    pub overrides: ModelOverrides,
 }
 
 /// The trajectory logged in a run folder.
@@ -40,8 +43,9 @@ pub fn read_trajectory(run_dir: &Path) -> Result<Trajectory> {
 pub fn checkpoint_weights(
     path: &Path,
     label: &str,
+    overrides: &ModelOverrides,
 ) -> Result<std::result::Result<CheckpointWeights, String>> {
-    let loaded = load_model(path, DType::F32, &Device::Cpu)?;
+    let (loaded, _) = load_encoder(path, overrides, DType::F32, &Device::Cpu)?;
     let cfg = &loaded.model.cfg;
     let Some(fusion) = loaded.model.fusion() else {
         return Ok(Err(format!(
@@ -112,7 +116,7 @@ pub fn run(s: &FusionSettings) -> Result<String> {
     let mut rows = Vec::new();
     let mut printed = String::new();
     for (p, l) in paths.iter().zip(&labels) {
-        match checkpoint_weights(p, l)? {
+        match checkpoint_weights(p, l, &s.overrides)? {
             Ok(r) => rows.push(r),
             Err(msg) => printed += &format!("{msg}\n"),
         }

@@ -18,8 +18,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::analysis::checkpoint_labels;
 use crate::analysis::hessian::{hutchinson_trace, top_eigen, PowerSettings};
 use crate::analysis::hvp::{with_second_order, HvpMethod, Objective};
-use crate::checkpoint::{load_model, save_tensors, write_atomic};
+use crate::checkpoint::{load_model_with, save_tensors, write_atomic};
 use crate::config::ModelConfig;
+use crate::convert::ModelOverrides;
 use crate::figures::charts::{save, EigenDistribution};
 use crate::model::masking::check_ratio;
 use crate::model::Mask;
@@ -48,6 +49,8 @@ pub struct HessianSettings {
     pub trace_samples: usize,
     pub dtype: DType,
     pub out: PathBuf,
+    /// Architecture of files without a stored config.
+    pub overrides: ModelOverrides,
 }
 
 /// One row of `hessian.csv`.
@@ -162,7 +165,9 @@ pub fn run(s: &HessianSettings, device: &Device) -> Result<HessianReport> {
     std::fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
 
     // Batches from the first checkpoint's input size; every checkpoint must share it.
-    let first = load_model(paths[0], s.dtype, device)?.model.cfg;
+    let first = load_model_with(paths[0], &s.overrides, s.dtype, device)?
+        .model
+        .cfg;
     check_ratio(first.num_patches(), s.mask_ratio).map_err(anyhow::Error::msg)?;
     let batches = make_batches(s, &first, device)?;
     save_batches(&s.out.join("batches.safetensors"), &batches, s)?;
@@ -215,7 +220,7 @@ fn analyse_checkpoint(
     batches: &[(Tensor, Mask, Vec<String>)],
     device: &Device,
 ) -> Result<HessianReport> {
-    let loaded = load_model(path, s.dtype, device)?;
+    let loaded = load_model_with(path, &s.overrides, s.dtype, device)?;
     let cfg = &loaded.model.cfg;
     if (cfg.img_size, cfg.patch_size, cfg.in_chans)
         != (first.img_size, first.patch_size, first.in_chans)

@@ -61,6 +61,7 @@ pub fn execute(command: Command) -> Result<()> {
                 paths: a.paths,
                 out: a.out,
                 csv: a.csv,
+                overrides: a.arch.overrides(),
             };
             print!("{}", fusion::run(&s)?);
             Ok(())

@@ -157,7 +157,8 @@ pub fn run(args: &ReproduceArgs) -> Result<Outcome> {
         &runs[1].display().to_string(),
     ]);
     super::execute(parse(&a)?)?;
-    let fusion = super::fusion::checkpoint_weights(&finals[1], "mff/final")?.ok();
+    let fusion =
+        super::fusion::checkpoint_weights(&finals[1], "mff/final", &Default::default())?.ok();
     timings.push(("fusion".to_string(), t.elapsed().as_secs_f64()));
 
     let t = Instant::now();

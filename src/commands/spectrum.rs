@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::analysis::checkpoint_labels;
 use crate::analysis::features::features;
 use crate::analysis::spectrum::{depth_csv, frequencies, spectrum_csv, Accumulator, Curve};
-use crate::checkpoint::{load_model, write_atomic};
+use crate::checkpoint::{load_encoder, write_atomic};
+use crate::convert::ModelOverrides;
 use crate::figures::charts::{save, DepthLines, SpectrumPanels};
 use crate::model::Mae;
 use crate::train::open_dataset;
@@ -32,6 +33,8 @@ pub struct SpectrumSettings {
     /// Also the stream after each block's attention half.
     pub sublayers: bool,
     pub out: PathBuf,
+    /// Architecture of files without a stored config.
+    pub overrides: ModelOverrides,
 }
 
 /// The spectrum of every analysed layer of `model` on `images` (N, C, H, W), forwarded
@@ -86,7 +89,7 @@ pub fn run(s: &SpectrumSettings, device: &Device) -> Result<Vec<Curve>> {
     let mut inputs: BTreeMap<usize, Tensor> = BTreeMap::new();
     let mut curves = Vec::new();
     for (path, label) in paths.iter().zip(&labels) {
-        let loaded = load_model(path, DType::F32, device)?;
+        let (loaded, _) = load_encoder(path, &s.overrides, DType::F32, device)?;
         let size = loaded.model.cfg.img_size;
         let imgs = match inputs.entry(size) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
