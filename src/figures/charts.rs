@@ -445,12 +445,21 @@ impl Chart for EigenDistribution<'_> {
             .margin(12)
             .x_label_area_size(42)
             .y_label_area_size(50)
-            .build_cartesian_2d((lo..hi).log_scale(), 0.0..ymax)
+            // Log axis drawn in log10 coordinates, so that even a range under one decade gets
+            // a dozen labelled ticks (plotters' log axis labels powers of ten only).
+            .build_cartesian_2d(lo.log10()..hi.log10(), 0.0..ymax)
             .map_err(err)?;
         chart
             .configure_mesh()
-            .x_labels(12)
-            .x_label_formatter(&|x| format!("{x:.3}"))
+            .x_labels(10)
+            .x_label_formatter(&|x| significant(10f64.powf(*x)))
+            .y_label_formatter(&|y| {
+                if (y - y.round()).abs() < 1e-9 {
+                    format!("{y:.0}")
+                } else {
+                    String::new()
+                }
+            })
             .x_desc("top eigenvalue λ₁ (log scale)")
             .y_desc("batches")
             .label_style((FAMILY, 13))
@@ -465,23 +474,29 @@ impl Chart for EigenDistribution<'_> {
                 .filter(|(_, n)| **n > 0)
                 .map(|(b, &n)| {
                     Rectangle::new(
-                        [(edge(b), 0.0), (edge(b + 1), n as f64)],
+                        [(edge(b).log10(), 0.0), (edge(b + 1).log10(), n as f64)],
                         color.mix(0.35).filled(),
                     )
                 });
             chart.draw_series(bars).map_err(err)?;
             let ticks = vals.iter().filter(|v| **v > 0.0).map(|&v| {
-                PathElement::new(vec![(v, 0.0), (v, ymax * 0.06)], color.stroke_width(2))
+                PathElement::new(
+                    vec![(v.log10(), 0.0), (v.log10(), ymax * 0.06)],
+                    color.stroke_width(2),
+                )
             });
             chart.draw_series(ticks).map_err(err)?;
             let med = median(vals);
             chart
                 .draw_series(std::iter::once(PathElement::new(
-                    vec![(med.max(lo), 0.0), (med.max(lo), ymax)],
+                    vec![(med.max(lo).log10(), 0.0), (med.max(lo).log10(), ymax)],
                     color.stroke_width(2),
                 )))
                 .map_err(err)?
-                .label(format!("{name} (median {med:.4})"))
+                .label(match vals.iter().filter(|v| **v <= 0.0).count() {
+                    0 => format!("{name} (median {med:.4})"),
+                    neg => format!("{name} (median {med:.4}; {neg} negative not drawn)"),
+                })
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3))
                 });
@@ -489,6 +504,15 @@ impl Chart for EigenDistribution<'_> {
         legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         Ok(())
     }
+}
+
+/// `v` with three significant digits, without exponent notation for usual magnitudes.
+fn significant(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let digits = (2 - v.abs().log10().floor() as i32).max(0) as usize;
+    format!("{v:.digits$}")
 }
 
 /// The median (mean of the middle two for even counts); 0 for no values.
