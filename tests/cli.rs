@@ -764,6 +764,20 @@ fn reproduce_trains_both_models_analyses_them_and_reports() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("is complete: training skipped"));
     let err = fails(&["reproduce", "--budget", "0", "--out", s(&out)]);
     assert!(err.contains("--budget"), "{err}");
+    // Another budget in the same folder would mix runs: refused, naming what differs.
+    let err = fails(&[
+        "reproduce",
+        "--data",
+        s(&data),
+        "--budget",
+        "0.04",
+        "--out",
+        s(&out),
+    ]);
+    assert!(
+        err.contains("trained with other settings") && err.contains("steps"),
+        "{err}"
+    );
 }
 
 #[test]

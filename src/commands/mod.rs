@@ -112,6 +112,9 @@ pub fn train_or_continue(args: &TrainArgs) -> Result<()> {
     let Some(out) = args.out.as_deref().filter(|_| args.resume.is_none()) else {
         return train_command(args);
     };
+    if is_started_run(out) {
+        check_same_settings(out, args)?;
+    }
     if out.join(FINAL_FILE).exists() {
         eprintln!("{} is complete: training skipped", out.display());
         return Ok(());
@@ -124,6 +127,41 @@ pub fn train_or_continue(args: &TrainArgs) -> Result<()> {
         return train_and_reconstruct(out, Start::Resume, &args.device.device()?);
     }
     train_command(args)
+}
+
+/// Refuses to continue or reuse a run trained with other settings than `args` asks for.
+fn check_same_settings(run_dir: &Path, args: &TrainArgs) -> Result<()> {
+    let path = run_dir.join(train::CONFIG_FILE);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let stored: crate::config::TrainConfig =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let wanted = args.resolve(stored.dataset_size)?;
+    let (a, b) = (
+        serde_json::to_value(&stored)?,
+        serde_json::to_value(&wanted)?,
+    );
+    if a != b {
+        let diff: Vec<String> = match (a.as_object(), b.as_object()) {
+            (Some(a), Some(b)) => a
+                .iter()
+                .filter(|(k, v)| b.get(*k) != Some(*v))
+                .map(|(k, v)| {
+                    format!(
+                        "{k}: {v} there, {} asked",
+                        b.get(k).unwrap_or(&serde_json::Value::Null)
+                    )
+                })
+                .collect(),
+            _ => vec![],
+        };
+        anyhow::bail!(
+            "{} was trained with other settings ({}); choose another output folder or delete it",
+            run_dir.display(),
+            diff.join("; ")
+        );
+    }
+    Ok(())
 }
 
 fn is_started_run(dir: &Path) -> bool {
