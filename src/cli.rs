@@ -347,7 +347,7 @@ pub struct BenchModel {
 
 #[derive(Debug, Clone, Args)]
 pub struct SpectrumArgs {
-    /// Weights file (.safetensors); repeat to compare several in one figure.
+    /// Weights file (.safetensors or .pth); repeat to compare several in one figure.
     #[arg(long = "checkpoint", required = true)]
     pub checkpoints: Vec<PathBuf>,
     /// Image folder; default: the bundled photos.
@@ -429,7 +429,7 @@ impl Precision {
 
 #[derive(Debug, Clone, Args)]
 pub struct HessianArgs {
-    /// Weights file (.safetensors); repeat to compare several on identical batches.
+    /// Weights file (.safetensors or .pth); repeat to compare several on identical batches.
     #[arg(long = "checkpoint", required = true)]
     pub checkpoints: Vec<PathBuf>,
     /// Image folder; default: the bundled photos.
