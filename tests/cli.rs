@@ -115,11 +115,14 @@ fn train_reconstruct_inspect() {
     let tmp = tempfile::tempdir().unwrap();
     let data = data_dir(tmp.path());
     let run = tmp.path().join("run");
-    ok(&train_args(
+    let out = ok(&train_args(
         s(&data),
         s(&run),
         &["--steps", "4", "--save-every", "2"],
     ));
+    // Batches come from the prefetching thread; the run reports how long steps waited.
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("data: the steps waited"), "{log}");
     for f in [
         "config.json",
         "metrics.csv",

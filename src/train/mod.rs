@@ -40,12 +40,8 @@ pub fn open_dataset(data: Option<&Path>) -> Result<Dataset> {
     }
 }
 
-/// Builds the (B, C, S, S) batch of `step`.
-pub fn batch_tensor(ds: &Dataset, cfg: &TrainConfig, step: u64, device: &Device) -> Result<Tensor> {
-    let s = cfg.model.img_size;
-    let data = ds.train_batch(step, cfg.batch_size, s as u32, cfg.augment, cfg.seed)?;
-    Ok(Tensor::from_vec(data, (cfg.batch_size, 3, s, s), device)?)
-}
+/// Batches built ahead of the step that uses them (data loading overlaps compute).
+const PREFETCH: usize = 2;
 
 /// The mask of `step`, from the stream (seed, Mask, step).
 pub fn batch_mask(cfg: &TrainConfig, step: u64) -> Mask {
@@ -274,15 +270,42 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
     let steps_per_epoch = cfg.steps_per_epoch(dataset.len());
     let progress = Progress::new(first, cfg.steps);
     let mut last_good = resume_step.map(|s| checkpoint_paths(&ckpt_dir, s).0);
-    for step in first..cfg.steps {
-        let t0 = Instant::now();
-        let lr = schedule::lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr);
-        let imgs = batch_tensor(&dataset, &cfg, step, device)?;
-        let mask = batch_mask(&cfg, step);
-        let out = model.forward(&imgs, &mask)?;
-        let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !loss.is_finite() {
-            bail!(
+    let started = Instant::now();
+    let mut waited = std::time::Duration::ZERO;
+    // Batches are decoded and augmented on a producer thread, PREFETCH steps ahead of the
+    // optimiser. Each batch is a pure function of (seed, step), so this changes no result.
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<f32>>>(PREFETCH);
+        let (ds, c) = (&dataset, &cfg);
+        scope.spawn(move || {
+            for step in first..c.steps {
+                let batch = ds.train_batch(
+                    step,
+                    c.batch_size,
+                    c.model.img_size as u32,
+                    c.augment,
+                    c.seed,
+                );
+                // A closed channel means the loop stopped (an error): nothing more to build.
+                if tx.send(batch).is_err() {
+                    break;
+                }
+            }
+        });
+        let s = cfg.model.img_size;
+        for step in first..cfg.steps {
+            let t0 = Instant::now();
+            let lr = schedule::lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr);
+            let data = rx
+                .recv()
+                .context("the data-loading thread stopped unexpectedly")??;
+            waited += t0.elapsed();
+            let imgs = Tensor::from_vec(data, (cfg.batch_size, 3, s, s), device)?;
+            let mask = batch_mask(&cfg, step);
+            let out = model.forward(&imgs, &mask)?;
+            let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !loss.is_finite() {
+                bail!(
                 "loss is {loss} at step {} (lr {lr:.3e}); stopped before updating the weights. \
                  The last good checkpoint is {}. Lower --blr, lengthen --warmup-steps, or check \
                  the data",
@@ -293,30 +316,40 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
                         .display()
                         .to_string())
             );
+            }
+            let grads = out.loss.backward()?;
+            opt.apply(&grads, lr)?;
+            let done = step + 1;
+            let ips = cfg.batch_size as f64 / t0.elapsed().as_secs_f64();
+            let epoch = done as f64 / steps_per_epoch as f64;
+            metrics.row(&format!("{done},{epoch:.6},{lr:.6e},{loss:.6},{ips:.2}"))?;
+            if let (Some(csv), Some(row)) = (fusion.as_mut(), fusion_row(done, &model)?) {
+                csv.row(&row)?;
+            }
+            progress.update(done, lr, loss, ips);
+            if done % cfg.save_every == 0 || done == cfg.steps {
+                let (weights, state) = checkpoint_paths(&ckpt_dir, done);
+                save_state(&state, &opt, &cfg, done)?;
+                checkpoint::save_weights(
+                    &weights,
+                    &cfg.model,
+                    &store,
+                    checkpoint_metadata(&cfg, done)?,
+                )?;
+                last_good = Some(weights);
+            }
         }
-        let grads = out.loss.backward()?;
-        opt.apply(&grads, lr)?;
-        let done = step + 1;
-        let ips = cfg.batch_size as f64 / t0.elapsed().as_secs_f64();
-        let epoch = done as f64 / steps_per_epoch as f64;
-        metrics.row(&format!("{done},{epoch:.6},{lr:.6e},{loss:.6},{ips:.2}"))?;
-        if let (Some(csv), Some(row)) = (fusion.as_mut(), fusion_row(done, &model)?) {
-            csv.row(&row)?;
-        }
-        progress.update(done, lr, loss, ips);
-        if done % cfg.save_every == 0 || done == cfg.steps {
-            let (weights, state) = checkpoint_paths(&ckpt_dir, done);
-            save_state(&state, &opt, &cfg, done)?;
-            checkpoint::save_weights(
-                &weights,
-                &cfg.model,
-                &store,
-                checkpoint_metadata(&cfg, done)?,
-            )?;
-            last_good = Some(weights);
-        }
-    }
+        Ok(())
+    })?;
     progress.finish();
+    let total = started.elapsed().as_secs_f64();
+    if total > 0.0 && cfg.steps > first {
+        eprintln!(
+            "data: the steps waited {:.1} s for batches, {:.1}% of {total:.1} s of training",
+            waited.as_secs_f64(),
+            100.0 * waited.as_secs_f64() / total
+        );
+    }
     let final_path = run_dir.join(FINAL_FILE);
     checkpoint::save_weights(
         &final_path,
