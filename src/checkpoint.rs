@@ -139,6 +139,20 @@ pub fn load_model_with(
     dtype: DType,
     device: &Device,
 ) -> Result<Loaded> {
+    let imported = import_noting(path, overrides, dtype, device)?;
+    if imported.encoder_only {
+        return Err(convert::encoder_only_error(path));
+    }
+    loaded(path, imported, dtype, device)
+}
+
+/// [`convert::import`], printing its notes on what was assumed.
+fn import_noting(
+    path: &Path,
+    overrides: &ModelOverrides,
+    dtype: DType,
+    device: &Device,
+) -> Result<convert::Imported> {
     let imported = convert::import(path, overrides, dtype, device)?;
     for note in &imported.notes {
         eprintln!("note: {note}");
@@ -150,9 +164,16 @@ pub fn load_model_with(
             imported.cfg.to_json()?
         );
     }
-    if imported.encoder_only {
-        return Err(convert::encoder_only_error(path));
-    }
+    Ok(imported)
+}
+
+/// The model built from an import.
+fn loaded(
+    path: &Path,
+    imported: convert::Imported,
+    dtype: DType,
+    device: &Device,
+) -> Result<Loaded> {
     let (model, store) = build_model(path, &imported.cfg, imported.tensors, dtype, device)?;
     Ok(Loaded {
         model,
@@ -190,28 +211,18 @@ pub fn load_encoder(
     dtype: DType,
     device: &Device,
 ) -> Result<(Loaded, bool)> {
-    let imported = convert::import(path, overrides, dtype, device)?;
-    if !imported.encoder_only {
-        return load_model_with(path, overrides, dtype, device).map(|l| (l, false));
+    let mut imported = import_noting(path, overrides, dtype, device)?;
+    let encoder_only = imported.encoder_only;
+    if encoder_only {
+        eprintln!(
+            "note: {} holds the encoder only; its decoder is zero placeholders, never run",
+            path.display()
+        );
+        imported
+            .tensors
+            .extend(decoder_placeholders(&imported.cfg)?);
     }
-    for note in &imported.notes {
-        eprintln!("note: {note}");
-    }
-    eprintln!(
-        "note: {} holds the encoder only; its decoder is zero placeholders, never run",
-        path.display()
-    );
-    let mut tensors = imported.tensors;
-    tensors.extend(decoder_placeholders(&imported.cfg)?);
-    let (model, store) = build_model(path, &imported.cfg, tensors, dtype, device)?;
-    Ok((
-        Loaded {
-            model,
-            store,
-            metadata: imported.metadata,
-        },
-        true,
-    ))
+    Ok((loaded(path, imported, dtype, device)?, encoder_only))
 }
 
 /// Zero placeholders for the decoder of `cfg` (`decoder_*` and `mask_token`, drawn from a

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::analysis::checkpoint_labels;
 use crate::analysis::hessian::{hutchinson_trace, top_eigen, PowerSettings};
 use crate::analysis::hvp::{with_second_order, HvpMethod, Objective};
-use crate::checkpoint::{load_model_with, save_tensors, write_atomic};
+use crate::checkpoint::{load_model_with, save_tensors, write_atomic, Loaded};
 use crate::config::ModelConfig;
 use crate::convert::ModelOverrides;
 use crate::figures::charts::{save, EigenDistribution};
@@ -164,10 +164,11 @@ pub fn run(s: &HessianSettings, device: &Device) -> Result<HessianReport> {
     let labels = checkpoint_labels(&paths);
     std::fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
 
-    // Batches from the first checkpoint's input size; every checkpoint must share it.
-    let first = load_model_with(paths[0], &s.overrides, s.dtype, device)?
-        .model
-        .cfg;
+    // Batches from the first checkpoint's input size; every checkpoint must share it. The
+    // first model is loaded once and analysed below.
+    let first_model = load_model_with(paths[0], &s.overrides, s.dtype, device)?;
+    let first = first_model.model.cfg.clone();
+    let mut preloaded = Some(first_model);
     check_ratio(first.num_patches(), s.mask_ratio).map_err(anyhow::Error::msg)?;
     let batches = make_batches(s, &first, device)?;
     save_batches(&s.out.join("batches.safetensors"), &batches, s)?;
@@ -197,16 +198,18 @@ pub fn run(s: &HessianSettings, device: &Device) -> Result<HessianReport> {
         method: s.method.describe(),
         objective,
     };
+    let (first, batches) = (&first, &batches[..]);
     for (path, label) in paths.iter().zip(&labels) {
-        let work = || analyse_checkpoint(s, path, label, &first, &batches, device);
-        let part = match s.method {
+        let loaded = match preloaded.take() {
+            Some(l) => l,
+            None => load_model_with(path, &s.overrides, s.dtype, device)?,
+        };
+        let r = &mut report;
+        let work = move || analyse_checkpoint(s, path, label, loaded, first, batches, r);
+        match s.method {
             HvpMethod::Exact => with_second_order(work)?,
             HvpMethod::FiniteDifference { .. } => work()?,
-        };
-        report.rows.extend(part.rows);
-        report.losses.extend(part.losses);
-        report.traces.extend(part.traces);
-        report.costs.extend(part.costs);
+        }
     }
     write_outputs(&s.out, &report, &labels, s)?;
     Ok(report)
@@ -216,11 +219,11 @@ fn analyse_checkpoint(
     s: &HessianSettings,
     path: &Path,
     label: &str,
+    loaded: Loaded,
     first: &ModelConfig,
     batches: &[(Tensor, Mask, Vec<String>)],
-    device: &Device,
-) -> Result<HessianReport> {
-    let loaded = load_model_with(path, &s.overrides, s.dtype, device)?;
+    report: &mut HessianReport,
+) -> Result<()> {
     let cfg = &loaded.model.cfg;
     if (cfg.img_size, cfg.patch_size, cfg.in_chans)
         != (first.img_size, first.patch_size, first.in_chans)
@@ -238,14 +241,6 @@ fn analyse_checkpoint(
     }
     let rule = DecayRule {
         decay_fusion_weights: true,
-    };
-    let mut part = HessianReport {
-        rows: vec![],
-        losses: vec![],
-        traces: vec![],
-        costs: vec![],
-        method: String::new(),
-        objective: String::new(),
     };
     for (k, (imgs, mask, _)) in batches.iter().enumerate() {
         let imgs = imgs.to_dtype(s.dtype)?;
@@ -265,7 +260,7 @@ fn analyse_checkpoint(
                 path.display()
             );
         }
-        part.losses.push((label.to_string(), k, loss));
+        report.losses.push((label.to_string(), k, loss));
         if k == 0 {
             // Cost of one product against one gradient, both after a warm-up gradient (the
             // first pass of a process pays for its allocations). With one micro-batch the
@@ -288,7 +283,7 @@ fn analyse_checkpoint(
                 obj.len(),
                 hvp_s / grad_s
             );
-            part.costs.push(Cost {
+            report.costs.push(Cost {
                 checkpoint: label.to_string(),
                 gradient_s: grad_s,
                 first_hvp_s: first_s,
@@ -307,7 +302,7 @@ fn analyse_checkpoint(
                 e.iterations,
                 if e.converged { "" } else { ", not converged" }
             );
-            part.rows.push(EigenRow {
+            report.rows.push(EigenRow {
                 checkpoint: label.to_string(),
                 batch: k,
                 rank: r + 1,
@@ -323,10 +318,10 @@ fn analyse_checkpoint(
                 obj.hvp(v, s.method)
             })?;
             eprintln!("hessian: {label} batch {k} trace {tr:.4} ± {se:.4}");
-            part.traces.push((label.to_string(), k, tr, se));
+            report.traces.push((label.to_string(), k, tr, se));
         }
     }
-    Ok(part)
+    Ok(())
 }
 
 fn save_batches(

@@ -12,10 +12,19 @@ pub mod spectrum;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use clap::Parser;
 
 use crate::cli::{Command, TrainArgs};
 use crate::reconstruct::ReconstructArgs;
 use crate::train::{self, Start, FINAL_FILE};
+
+/// Parses a full command line (`mimscope <command> ...`) as the binary does; clap's message,
+/// usage included, becomes the error.
+pub fn parse_command_line(args: &[String]) -> Result<Command> {
+    crate::cli::Cli::try_parse_from(args)
+        .map(|c| c.command)
+        .map_err(|e| anyhow::anyhow!("{}", e.render()))
+}
 
 /// Runs one parsed command.
 pub fn execute(command: Command) -> Result<()> {

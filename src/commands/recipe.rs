@@ -10,10 +10,8 @@
 
 use std::path::Path;
 
+use crate::cli::Command;
 use anyhow::{bail, Context, Result};
-use clap::Parser;
-
-use crate::cli::{Cli, Command};
 
 /// The argument lists of every step of a recipe, in order.
 pub fn parse_recipe(text: &str) -> Result<Vec<Vec<String>>> {
@@ -96,17 +94,14 @@ pub fn run(path: &Path) -> Result<()> {
         .iter()
         .enumerate()
         .map(|(i, args)| {
-            Cli::try_parse_from(args)
-                .map(|c| c.command)
-                .map_err(|e| anyhow::anyhow!("{}", e.render()))
-                .with_context(|| {
-                    format!(
-                        "in recipe {} step {}: `{}`",
-                        path.display(),
-                        i + 1,
-                        args.join(" ")
-                    )
-                })
+            super::parse_command_line(args).with_context(|| {
+                format!(
+                    "in recipe {} step {}: `{}`",
+                    path.display(),
+                    i + 1,
+                    args.join(" ")
+                )
+            })
         })
         .collect::<Result<Vec<Command>>>()?;
     for (i, (command, args)) in commands.into_iter().zip(&steps).enumerate() {
@@ -123,6 +118,8 @@ pub fn run(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::Cli;
+    use clap::Parser;
 
     #[test]
     fn steps_become_command_lines() {

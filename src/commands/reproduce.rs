@@ -10,12 +10,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
 
 use crate::analysis::fusion::CheckpointWeights;
 use crate::analysis::spectrum::Curve;
 use crate::checkpoint::write_atomic;
-use crate::cli::{Cli, Command, ReproduceArgs};
+use crate::cli::{Command, ReproduceArgs};
 use crate::figures::charts::median;
 use crate::train::{FINAL_FILE, METRICS_FILE};
 
@@ -62,9 +61,7 @@ pub struct Outcome {
 
 fn parse(args: &[String]) -> Result<Command> {
     eprintln!("\n== {}", args[1..].join(" "));
-    Cli::try_parse_from(args)
-        .map(|c| c.command)
-        .map_err(|e| anyhow::anyhow!("{}", e.render()))
+    super::parse_command_line(args)
 }
 
 fn strings(v: &[&str]) -> Vec<String> {

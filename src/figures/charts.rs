@@ -42,6 +42,20 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("{e}")
 }
 
+/// A chart on `area` with a caption and room for axis labels (`y_labels` pixels on the left).
+fn framed<'a, 'b, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: &str,
+    y_labels: u32,
+) -> ChartBuilder<'a, 'b, DB> {
+    let mut b = ChartBuilder::on(area);
+    b.caption(caption, (FAMILY, 20))
+        .margin(12)
+        .x_label_area_size(42)
+        .y_label_area_size(y_labels);
+    b
+}
+
 /// Draws the series labels in a framed box at `pos`.
 fn legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
     chart: &mut ChartContext<'a, DB, CT>,
@@ -152,11 +166,7 @@ impl Chart for SpectrumPanels<'_> {
             .iter()
             .zip(&names)
         {
-            let mut chart = ChartBuilder::on(area)
-                .caption(*name, (FAMILY, 20))
-                .margin(12)
-                .x_label_area_size(42)
-                .y_label_area_size(60)
+            let mut chart = framed(area, name, 60)
                 .build_cartesian_2d(0.0..xmax * 1.02, ylo..yhi)
                 .map_err(err)?;
             chart
@@ -223,11 +233,7 @@ impl Chart for DepthLines<'_> {
         root.fill(&WHITE).map_err(err)?;
         let names = groups(self.curves.iter().map(|c| c.checkpoint.as_str()));
         let (ylo, yhi) = padded(self.curves.iter().map(Curve::high_freq), true);
-        let mut chart = ChartBuilder::on(root)
-            .caption("high-frequency amplitude by depth", (FAMILY, 20))
-            .margin(12)
-            .x_label_area_size(42)
-            .y_label_area_size(60)
+        let mut chart = framed(root, "high-frequency amplitude by depth", 60)
             .build_cartesian_2d(-0.03..1.05, ylo..yhi)
             .map_err(err)?;
         chart
@@ -286,11 +292,7 @@ impl Chart for FusionTrajectory<'_> {
         let xmax = t.steps.iter().copied().max().unwrap_or(1).max(1) as f64;
         // The data's own range, so small moves stay visible (the tick labels give the scale).
         let (ylo, yhi) = padded(t.weights.iter().flatten().copied(), false);
-        let mut chart = ChartBuilder::on(root)
-            .caption(self.title, (FAMILY, 20))
-            .margin(12)
-            .x_label_area_size(42)
-            .y_label_area_size(60)
+        let mut chart = framed(root, self.title, 75)
             .build_cartesian_2d(0.0..xmax, ylo..yhi)
             .map_err(err)?;
         chart
@@ -344,11 +346,7 @@ impl Chart for FusionBars<'_> {
         let (_, yhi) = padded(self.rows.iter().flat_map(|r| r.weights.clone()), true);
         let n = self.rows.len().max(1);
         let labels: Vec<String> = self.rows.iter().map(|r| r.checkpoint.clone()).collect();
-        let mut chart = ChartBuilder::on(root)
-            .caption("fusion weights (bar label: fused block)", (FAMILY, 20))
-            .margin(12)
-            .x_label_area_size(42)
-            .y_label_area_size(60)
+        let mut chart = framed(root, "fusion weights (bar label: fused block)", 60)
             .build_cartesian_2d(-0.5..n as f64 - 0.5, 0.0..yhi * 1.08)
             .map_err(err)?;
         chart
@@ -440,11 +438,7 @@ impl Chart for EigenDistribution<'_> {
             })
             .collect();
         let ymax = counts.iter().flatten().copied().max().unwrap_or(1).max(1) as f64 * 1.15;
-        let mut chart = ChartBuilder::on(root)
-            .caption("top Hessian eigenvalue over batches", (FAMILY, 20))
-            .margin(12)
-            .x_label_area_size(42)
-            .y_label_area_size(50)
+        let mut chart = framed(root, "top Hessian eigenvalue over batches", 50)
             // Log axis drawn in log10 coordinates, so that even a range under one decade gets
             // a dozen labelled ticks (plotters' log axis labels powers of ten only).
             .build_cartesian_2d(lo.log10()..hi.log10(), 0.0..ymax)
