@@ -1,19 +1,30 @@
-//! `mimscope bench`: training-step and encoder-forward throughput on synthetic inputs.
+//! `mimscope bench`: throughput, model FLOPs and peak memory of the training step, the encoder
+//! forward, Hessian-vector products and the input pipeline, on synthetic inputs.
 //!
 //! Prints machine-readable `key=value` lines. The training step is forward, backward and the
-//! AdamW update at mask ratio 0.75; the forward is the unmasked encoder keeping every block
-//! output (what the spectra need). Each is run once to warm up, then `iters` times; the median
-//! is reported. It also times building one training batch from the bundled photos with each
-//! augmentation (`data_*_batch_s`), the part of a step spent before the model runs.
+//! AdamW update at the given mask ratio; the forward is the unmasked encoder keeping every
+//! block output (what the spectra need). Each part is run once to warm up, then `iters` times;
+//! the median is reported, with the peak memory seen while it ran (device memory on a GPU,
+//! resident set on the CPU; [`crate::memory`]).
+//!
+//! FLOPs are model FLOPs: 2 per multiply-add of every matrix product the model runs (patch
+//! embedding, linear layers, the two attention products, fusion), none for elementwise work;
+//! a training step counts forward and backward's two products per forward product, less the
+//! patch embedding's input gradient, which nothing needs (as PyTorch's FlopCounterMode counts
+//! it; the images are not differentiated).
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::config::{default_fuse_layers, ModelConfig, ModelKind, Preset};
+use crate::analysis::hvp::{with_second_order, Objective};
+use crate::config::TrainPrecision;
+use crate::config::{default_fuse_layers, Fusion, ModelConfig, ModelKind, Preset, Projection};
 use crate::data::Augment;
+use crate::memory::{Peak, Watch};
+use crate::model::masking::len_keep;
 use crate::model::{Mae, Mask};
 use crate::rng::{stream, Purpose};
 use crate::train::optim::{AdamW, DecayRule};
@@ -27,85 +38,356 @@ pub fn bench_config(kind: ModelKind, preset: Preset) -> ModelConfig {
     cfg
 }
 
+/// Parts of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Training step: forward, backward, AdamW.
+    Train,
+    /// Unmasked encoder forward, every block output kept.
+    Forward,
+    /// One exact Hessian-vector product against one gradient (f32, `--hvp-batch` images).
+    Hvp,
+    /// Building one training batch from the bundled photos, per augmentation.
+    Data,
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchSettings {
+    pub cfg: ModelConfig,
+    pub batch: usize,
+    pub iters: usize,
+    pub precision: TrainPrecision,
+    pub mask_ratio: f64,
+    pub parts: Vec<Part>,
+    /// Images of the batch whose loss the Hessian-vector products differentiate.
+    pub hvp_batch: usize,
+    /// The device's peak rate in TFLOP/s, for the utilisation lines.
+    pub peak_tflops: Option<f64>,
+}
+
+/// FLOPs of one (n, k) x (k, m) product.
+fn mm(n: usize, k: usize, m: usize) -> f64 {
+    2.0 * n as f64 * k as f64 * m as f64
+}
+
+/// One pre-norm block on `n` tokens of width `d`, MLP width `hidden`: qkv, the two attention
+/// products (n queries over n keys), proj, fc1, fc2.
+fn block_flops(n: usize, d: usize, hidden: usize) -> f64 {
+    mm(n, d, 3 * d) + 2.0 * mm(n, d, n) + mm(n, d, d) + 2.0 * mm(n, d, hidden)
+}
+
+/// Patch embedding (run on every patch, before masking, as MAE), the blocks on `n` tokens, and
+/// MFF's fusion.
+fn encoder_flops(cfg: &ModelConfig, n: usize) -> f64 {
+    let (l, d) = (cfg.num_patches(), cfg.embed_dim);
+    let mut f = mm(l, cfg.patch_dim(), d) + cfg.depth as f64 * block_flops(n, d, cfg.mlp_hidden());
+    if cfg.is_mff() {
+        let shallow = cfg.fuse_layers.len();
+        let per_proj = match cfg.projection {
+            Projection::Linear => mm(n, d, d),
+            Projection::Mlp => 2.0 * mm(n, d, d),
+        };
+        f += shallow as f64 * per_proj;
+        if cfg.fusion == Fusion::Attention {
+            // qkv over all fused tokens, the last layer's n queries over them, proj.
+            let all = (shallow + 1) * n;
+            f += mm(all, d, 3 * d) + 2.0 * mm(n, d, all) + mm(n, d, d);
+        }
+    }
+    f
+}
+
+/// Model FLOPs of one image's forward pass in training (mask ratio `mask_ratio`).
+pub fn forward_flops_per_image(cfg: &ModelConfig, mask_ratio: f64) -> f64 {
+    let l = cfg.num_patches();
+    let n = 1 + len_keep(l, mask_ratio);
+    let (d, dd) = (cfg.embed_dim, cfg.decoder_embed_dim);
+    encoder_flops(cfg, n)
+        + mm(n, d, dd)
+        + cfg.decoder_depth as f64 * block_flops(1 + l, dd, cfg.decoder_mlp_hidden())
+        + mm(1 + l, dd, cfg.patch_dim())
+}
+
+/// Model FLOPs of one image's training step: 3 forward passes less the patch embedding's
+/// input gradient.
+pub fn train_flops_per_image(cfg: &ModelConfig, mask_ratio: f64) -> f64 {
+    3.0 * forward_flops_per_image(cfg, mask_ratio)
+        - mm(cfg.num_patches(), cfg.patch_dim(), cfg.embed_dim)
+}
+
+/// Model FLOPs of one image through the unmasked encoder (1 + L tokens).
+pub fn encoder_forward_flops_per_image(cfg: &ModelConfig) -> f64 {
+    encoder_flops(cfg, 1 + cfg.num_patches())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-/// Runs the benchmark and returns the report lines.
-pub fn run(cfg: &ModelConfig, batch: usize, iters: usize, device: &Device) -> Result<Vec<String>> {
-    anyhow::ensure!(
-        batch > 0 && iters > 0,
-        "--batch-size and --iters must be positive"
-    );
-    let (model, store) = Mae::init(cfg, 0, DType::F32, device)?;
-    let mut opt = AdamW::new(
-        store.trainable(),
-        0.05,
-        DecayRule {
-            decay_fusion_weights: true,
-        },
-    )?;
-    let s = cfg.img_size;
-    let mut rng = stream(0, Purpose::Synthetic, 0);
-    let pixels: Vec<f32> = (0..batch * 3 * s * s)
-        .map(|_| StandardNormal.sample(&mut rng))
-        .collect();
-    let imgs = Tensor::from_vec(pixels, (batch, 3, s, s), device)?;
-
-    let mut train = Vec::with_capacity(iters);
-    for i in 0..=iters {
-        let mask = Mask::random(batch, cfg.num_patches(), 0.75, &mut rng);
+/// Runs `f` once to warm up, then `iters` times under a memory watch: (median seconds, peak).
+fn timed(
+    iters: usize,
+    device: &Device,
+    mut f: impl FnMut(usize) -> Result<()>,
+) -> Result<(f64, Peak)> {
+    f(0)?;
+    device.synchronize()?;
+    let watch = Watch::start(device)?;
+    let mut times = Vec::with_capacity(iters);
+    for i in 1..=iters {
         let t0 = Instant::now();
-        let out = model.forward(&imgs, &mask)?;
-        let grads = out.loss.backward()?;
-        opt.apply(&grads, 1e-6)?;
+        f(i)?;
         device.synchronize()?;
-        if i > 0 {
-            train.push(t0.elapsed().as_secs_f64());
-        }
+        times.push(t0.elapsed().as_secs_f64());
     }
-    let mut fwd = Vec::with_capacity(iters);
-    for i in 0..=iters {
-        let t0 = Instant::now();
-        let trace = model.forward_encoder_unmasked(&imgs)?;
-        trace
-            .latent
-            .sum_all()?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
-        if i > 0 {
-            fwd.push(t0.elapsed().as_secs_f64());
-        }
+    Ok((median(times), watch.finish()))
+}
+
+fn memory_lines(out: &mut Vec<String>, part: &str, p: Peak) {
+    out.push(format!("{part}_memory_before_bytes={}", p.before));
+    out.push(format!("{part}_memory_peak_bytes={}", p.peak));
+}
+
+/// Throughput lines of a part that processes `batch` images in `s` seconds at `flops` each.
+fn rate_lines(out: &mut Vec<String>, part: &str, s: &BenchSettings, secs: f64, flops: f64) {
+    out.push(format!("{part}_step_s={secs:.5}"));
+    out.push(format!("{part}_images_per_s={:.2}", s.batch as f64 / secs));
+    out.push(format!("{part}_flops_per_image={flops:.4e}"));
+    let tflops = flops * s.batch as f64 / secs / 1e12;
+    out.push(format!("{part}_tflops_per_s={tflops:.4}"));
+    if let Some(peak) = s.peak_tflops {
+        out.push(format!("{part}_fraction_of_peak={:.4}", tflops / peak));
     }
-    // Input pipeline on the bundled photos: decode is done once at open, so this is crop,
-    // resize, flip and normalisation of one batch.
-    let photos = crate::data::Dataset::bundled()?;
-    let mut data = Vec::new();
-    for augment in [Augment::Mae, Augment::Pixmim] {
-        let mut times = Vec::with_capacity(iters);
-        for i in 0..=iters {
-            let t0 = Instant::now();
-            photos.train_batch(i as u64, batch, s as u32, augment, 0)?;
-            if i > 0 {
-                times.push(t0.elapsed().as_secs_f64());
-            }
-        }
-        data.push(median(times));
-    }
-    let (t, f) = (median(train), median(fwd));
-    Ok(vec![
+}
+
+/// Runs the benchmark and returns the report lines.
+pub fn run(s: &BenchSettings, device: &Device) -> Result<Vec<String>> {
+    ensure!(
+        s.batch > 0 && s.iters > 0 && s.hvp_batch > 0,
+        "--batch-size, --iters and --hvp-batch must be positive"
+    );
+    let cfg = &s.cfg;
+    crate::model::masking::check_ratio(cfg.num_patches(), s.mask_ratio)
+        .map_err(anyhow::Error::msg)?;
+    let mut out = vec![
         format!("model={}", if cfg.is_mff() { "mff" } else { "mae" }),
-        format!("batch_size={batch}"),
+        format!(
+            "config=img {} patch {} width {} depth {} heads {} decoder {}x{}",
+            cfg.img_size,
+            cfg.patch_size,
+            cfg.embed_dim,
+            cfg.depth,
+            cfg.num_heads,
+            cfg.decoder_embed_dim,
+            cfg.decoder_depth
+        ),
+        format!("device={}", describe(device)),
+        format!("precision={}", s.precision.name()),
+        format!("batch_size={}", s.batch),
+        format!("mask_ratio={}", s.mask_ratio),
         format!(
             "threads={}",
             std::thread::available_parallelism().map_or(1, |n| n.get())
         ),
-        format!("train_step_s={t:.4}"),
-        format!("train_images_per_s={:.2}", batch as f64 / t),
-        format!("forward_s={f:.4}"),
-        format!("forward_images_per_s={:.2}", batch as f64 / f),
-        format!("data_mae_batch_s={:.4}", data[0]),
-        format!("data_pixmim_batch_s={:.4}", data[1]),
-    ])
+    ];
+    let (mut model, store) = Mae::init(cfg, 0, DType::F32, device)?;
+    model.set_matmul_dtype(s.precision.matmul_dtype());
+    let px = cfg.img_size;
+    let mut rng = stream(0, Purpose::Synthetic, 0);
+    let pixels: Vec<f32> = (0..s.batch * 3 * px * px)
+        .map(|_| StandardNormal.sample(&mut rng))
+        .collect();
+    let imgs = Tensor::from_vec(pixels, (s.batch, 3, px, px), device)?;
+    let masks: Vec<Mask> = (0..=s.iters)
+        .map(|_| Mask::random(s.batch, cfg.num_patches(), s.mask_ratio, &mut rng))
+        .collect();
+
+    if s.parts.contains(&Part::Train) {
+        let mut opt = AdamW::new(
+            store.trainable(),
+            0.05,
+            DecayRule {
+                decay_fusion_weights: true,
+            },
+        )?;
+        let (secs, mem) = timed(s.iters, device, |i| {
+            let out = model.forward(&imgs, &masks[i])?;
+            let grads = out.loss.backward()?;
+            opt.apply(&grads, 1e-6)?;
+            Ok(())
+        })?;
+        rate_lines(
+            &mut out,
+            "train",
+            s,
+            secs,
+            train_flops_per_image(cfg, s.mask_ratio),
+        );
+        memory_lines(&mut out, "train", mem);
+    }
+    if s.parts.contains(&Part::Forward) {
+        let (secs, mem) = timed(s.iters, device, |_| {
+            let trace = model.forward_encoder_unmasked(&imgs)?;
+            trace
+                .latent
+                .sum_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?;
+            Ok(())
+        })?;
+        rate_lines(
+            &mut out,
+            "forward",
+            s,
+            secs,
+            encoder_forward_flops_per_image(cfg),
+        );
+        memory_lines(&mut out, "forward", mem);
+    }
+    if s.parts.contains(&Part::Hvp) {
+        out.extend(hvp_lines(s, &mut model, &store, &imgs, &masks[0], device)?);
+    }
+    if s.parts.contains(&Part::Data) {
+        // Input pipeline on the bundled photos (decoded once at open): crop, resize, flip and
+        // normalisation of one batch, on every core.
+        let photos = crate::data::Dataset::bundled()?;
+        for (name, augment) in [("mae", Augment::Mae), ("pixmim", Augment::Pixmim)] {
+            let (secs, _) = timed(s.iters, &Device::Cpu, |i| {
+                photos.train_batch(i as u64, s.batch, px as u32, augment, 0)?;
+                Ok(())
+            })?;
+            out.push(format!("data_{name}_batch_s={secs:.5}"));
+            out.push(format!(
+                "data_{name}_images_per_s={:.1}",
+                s.batch as f64 / secs
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// One gradient and exact Hessian-vector products of the loss of the first `hvp_batch`
+/// images, in f32, on the graph-keeping worker thread. The first product also builds the
+/// gradient's graph; later ones reuse it (as power iteration does).
+fn hvp_lines(
+    s: &BenchSettings,
+    model: &mut Mae,
+    store: &crate::model::ParamStore,
+    imgs: &Tensor,
+    mask: &Mask,
+    device: &Device,
+) -> Result<Vec<String>> {
+    let b = s.hvp_batch.min(s.batch);
+    model.set_matmul_dtype(None);
+    let model = &*model;
+    let imgs = imgs.narrow(0, 0, b)?;
+    let mask = mask.rows(0, b);
+    let rule = DecayRule {
+        decay_fusion_weights: true,
+    };
+    let lines = with_second_order(|| {
+        let obj = Objective::new(model, store, &imgs, &mask, b, 0.0, rule)?;
+        let v: Vec<f64> = {
+            let mut r = stream(0, Purpose::Synthetic, 1);
+            (0..obj.len())
+                .map(|_| StandardNormal.sample(&mut r))
+                .collect()
+        };
+        let (grad, _) = timed(s.iters, device, |_| obj.gradient().map(|_| ()))?;
+        let watch = Watch::start(device)?;
+        let t0 = Instant::now();
+        obj.hvp_exact(&v)?;
+        device.synchronize()?;
+        let first = t0.elapsed().as_secs_f64();
+        let (hvp, _) = timed(s.iters, device, |_| obj.hvp_exact(&v).map(|_| ()))?;
+        let mem = watch.finish();
+        let mut out = vec![
+            format!("hvp_batch={b}"),
+            format!("hvp_parameters={}", obj.len()),
+            format!("gradient_s={grad:.5}"),
+            format!("hvp_first_s={first:.5}"),
+            format!("hvp_s={hvp:.5}"),
+            format!("hvp_over_gradient={:.3}", hvp / grad),
+            format!("hvp_first_over_gradient={:.3}", first / grad),
+        ];
+        memory_lines(&mut out, "hvp", mem);
+        Ok(out)
+    })?;
+    Ok(lines)
+}
+
+/// `cpu`, or `cuda:N`.
+pub fn describe(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_flops_of_tiny_mff_match_the_issue_figure() {
+        // Issue 5 gives 47.5 GFLOP for a `tiny` MFF training step at batch 64, mask 0.75,
+        // counted on the PyTorch model: 742 MFLOP per image (3 forwards would be 47.55).
+        let cfg = bench_config(ModelKind::Mff, Preset::Tiny);
+        let per_image = train_flops_per_image(&cfg, 0.75);
+        assert!(
+            (per_image * 64.0 / 47.5e9 - 1.0).abs() < 1e-3,
+            "{per_image}"
+        );
+    }
+
+    #[test]
+    fn flops_by_hand_for_a_small_mae() {
+        // 8 px, patch 4: L = 4 patches of P = 48; D 8, 1 block, 2 heads, MLP 32; decoder 4
+        // wide, 1 block, MLP 16; mask 0.5 keeps 2, so n = 3 encoder and 5 decoder tokens.
+        let cfg = ModelConfig {
+            img_size: 8,
+            patch_size: 4,
+            embed_dim: 8,
+            depth: 1,
+            num_heads: 2,
+            decoder_embed_dim: 4,
+            decoder_depth: 1,
+            decoder_num_heads: 1,
+            ..ModelConfig::default()
+        };
+        let patch = 2.0 * 4.0 * 48.0 * 8.0;
+        let enc = 2.0 * 3.0 * 8.0 * 24.0
+            + 2.0 * 2.0 * 3.0 * 8.0 * 3.0
+            + 2.0 * 3.0 * 8.0 * 8.0
+            + 2.0 * 2.0 * 3.0 * 8.0 * 32.0;
+        let embed = 2.0 * 3.0 * 8.0 * 4.0;
+        let dec = 2.0 * 5.0 * 4.0 * 12.0
+            + 2.0 * 2.0 * 5.0 * 4.0 * 5.0
+            + 2.0 * 5.0 * 4.0 * 4.0
+            + 2.0 * 2.0 * 5.0 * 4.0 * 16.0;
+        let pred = 2.0 * 5.0 * 4.0 * 48.0;
+        let fwd = patch + enc + embed + dec + pred;
+        assert_eq!(forward_flops_per_image(&cfg, 0.5), fwd);
+        assert_eq!(train_flops_per_image(&cfg, 0.5), 3.0 * fwd - patch);
+        // Unmasked encoder: 5 tokens.
+        let enc5 = 2.0 * 5.0 * 8.0 * 24.0
+            + 2.0 * 2.0 * 5.0 * 8.0 * 5.0
+            + 2.0 * 5.0 * 8.0 * 8.0
+            + 2.0 * 2.0 * 5.0 * 8.0 * 32.0;
+        assert_eq!(encoder_forward_flops_per_image(&cfg), patch + enc5);
+    }
+
+    #[test]
+    fn base_training_step_is_about_58_gflop_per_image() {
+        // ViT-B/16 MAE at mask 0.75: 50 encoder tokens, 197 decoder tokens of width 512.
+        let cfg = bench_config(ModelKind::Mae, Preset::Base);
+        let f = train_flops_per_image(&cfg, 0.75);
+        assert!((55e9..62e9).contains(&f), "{f:e}");
+        // The unmasked ViT-B/16 encoder: 17.6 GMAC, the figure usually quoted.
+        let e = encoder_forward_flops_per_image(&cfg) / 2.0;
+        assert!((e / 17.6e9 - 1.0).abs() < 0.01, "{e:e}");
+    }
 }

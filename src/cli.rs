@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
     default_fuse_layers, parse_fuse_layers, Fusion, ModelConfig, ModelKind, Preset, Projection,
-    TrainConfig,
+    TrainConfig, TrainPrecision,
 };
 use crate::data::Augment;
 use crate::train::schedule::absolute_lr;
@@ -36,8 +36,12 @@ pub enum Command {
         #[command(flatten)]
         arch: ImportArgs,
     },
-    /// Time one training step and one unmasked encoder forward on synthetic inputs.
+    /// Time the training step, the encoder forward, Hessian-vector products and data loading
+    /// (images/s, model FLOPs, peak memory) on synthetic inputs.
     Bench(BenchArgs),
+    /// Check a device against the CPU: loss, encoder features and gradients of one batch from
+    /// the same weights and inputs, within stated tolerances (exit status 1 when outside).
+    Parity(ParityArgs),
     /// Fourier spectra (relative log amplitude) of encoder features, per layer and checkpoint.
     Spectrum(SpectrumArgs),
     /// MFF fusion weights: the trajectory of a run folder, or the weights of checkpoints.
@@ -79,11 +83,23 @@ impl DeviceArgs {
                     })?,
                 };
                 if cfg!(feature = "cuda") {
-                    Ok(candle_core::Device::new_cuda(idx)?)
+                    candle_core::Device::new_cuda(idx).map_err(|e| {
+                        let e = match e {
+                            candle_core::Error::WithBacktrace { inner, .. } => *inner,
+                            e => e,
+                        };
+                        anyhow::anyhow!(
+                            "--device {d}: CUDA could not start GPU {idx} ({e}). Check that \
+                             `nvidia-smi` lists it, and that the CUDA 13 libraries (libcudart, \
+                             libcublas, libcurand) are on LD_LIBRARY_PATH, as \
+                             scripts/gpu-check.sh sets it"
+                        )
+                    })
                 } else {
                     bail!(
-                        "--device {d}: this mimscope was built without CUDA; rebuild with \
-                         `cargo build --release --features cuda` (see the README's GPU set-up)"
+                        "--device {d}: this mimscope was built without CUDA; build one with \
+                         scripts/build-cuda.sh (or `cargo build --release --features cuda` \
+                         where CUDA is installed; see the README's GPU set-up)"
                     )
                 }
             }
@@ -237,9 +253,14 @@ pub struct TrainArgs {
         "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio", "norm_pix_loss",
         "fuse_layers", "projection", "fusion", "data", "steps", "epochs", "batch_size", "blr",
         "warmup_steps", "warmup_epochs", "weight_decay", "no_decay_fusion_weights", "mask_ratio",
-        "augment", "seed", "save_every", "out", "print_config",
+        "augment", "seed", "save_every", "out", "print_config", "precision",
     ])]
     pub resume: Option<PathBuf>,
+    /// Arithmetic: f32, or bf16 mixed precision (bf16 matrix products, f32 master weights,
+    /// optimiser state, norms, softmax and loss; a non-finite gradient stops the run before the
+    /// update). bf16 needs --device cuda:N.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: TrainPrecision,
     /// Print the resolved config and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -291,6 +312,7 @@ impl TrainArgs {
             }),
             seed: self.seed,
             save_every: self.save_every,
+            precision: self.precision,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -332,6 +354,71 @@ pub struct BenchArgs {
     /// Timed repetitions after one warm-up (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
+    /// Arithmetic of the training step and forward (bf16: mixed precision, as `train`).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: TrainPrecision,
+    /// Fraction of patches removed in the training step.
+    #[arg(long, default_value_t = 0.75)]
+    pub mask_ratio: f64,
+    /// What to time, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "train,forward,data"
+    )]
+    pub parts: Vec<crate::bench::Part>,
+    /// Images in the loss whose Hessian-vector products `--parts hvp` times.
+    #[arg(long, default_value_t = 8)]
+    pub hvp_batch: usize,
+    /// The device's peak rate in TFLOP/s, to print the fraction of it reached (e.g. 790 for
+    /// bf16 dense on an H100/H200).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+impl BenchArgs {
+    pub fn settings(&self) -> crate::bench::BenchSettings {
+        crate::bench::BenchSettings {
+            cfg: crate::bench::bench_config(self.model.model, self.model.preset),
+            batch: self.batch_size,
+            iters: self.iters,
+            precision: self.precision,
+            mask_ratio: self.mask_ratio,
+            parts: self.parts.clone(),
+            hvp_batch: self.hvp_batch,
+            peak_tflops: self.peak_tflops,
+        }
+    }
+}
+
+/// Compare a device with the CPU on one batch.
+#[derive(Debug, Clone, Args)]
+pub struct ParityArgs {
+    /// Weights (mimscope .safetensors or .pth); default: `--preset`/`--model` initialised from
+    /// `--seed`.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: BenchModel,
+    /// Images (the first ones of the bundled photos, or of --data, in sorted order).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Image folder; default: the bundled photos.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Seed of the initialisation (without --checkpoint) and of the mask.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Fraction of patches removed.
+    #[arg(long, default_value_t = 0.75)]
+    pub mask_ratio: f64,
+    /// Arithmetic on the device (the CPU reference is always f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: TrainPrecision,
+    /// The device compared with the CPU.
     #[command(flatten)]
     pub device: DeviceArgs,
 }

@@ -386,6 +386,39 @@ pub struct TrainConfig {
     pub augment: crate::data::Augment,
     pub seed: u64,
     pub save_every: u64,
+    /// Arithmetic of the training step (runs from before this field trained in f32).
+    #[serde(default)]
+    pub precision: TrainPrecision,
+}
+
+/// Arithmetic of a training step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainPrecision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// Mixed precision: matrix products (linear layers, patch embedding, attention) in bf16
+    /// with f32 accumulation; parameters, optimiser state, norms, softmax, GELU, residual
+    /// stream and loss in f32. For GPUs; CPUs train in f32.
+    Bf16,
+}
+
+impl TrainPrecision {
+    /// The dtype matrix products are computed in, `None` for the parameters' own.
+    pub fn matmul_dtype(self) -> Option<candle_core::DType> {
+        match self {
+            TrainPrecision::F32 => None,
+            TrainPrecision::Bf16 => Some(candle_core::DType::BF16),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainPrecision::F32 => "f32",
+            TrainPrecision::Bf16 => "bf16",
+        }
+    }
 }
 
 impl TrainConfig {

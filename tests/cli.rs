@@ -355,7 +355,18 @@ fn bad_inputs_get_clear_errors() {
     let err = fails(&args);
     assert!(err.contains("fuse_layers"), "{err}");
     let err = fails(&["train", "--out", s(&out), "--device", "cuda:0"]);
-    assert!(err.contains("cuda"), "{err}");
+    if cfg!(feature = "cuda") {
+        assert!(err.contains("cuda"), "{err}");
+    } else {
+        // Never a silent CPU run: the build is named, and how to get one with CUDA.
+        assert!(
+            err.contains("built without CUDA") && err.contains("build-cuda.sh"),
+            "{err}"
+        );
+    }
+    let err = fails(&train_args(s(&data), s(&out), &["--precision", "bf16"]));
+    assert!(err.contains("--precision bf16 is for GPUs"), "{err}");
+    assert!(!out.join("config.json").exists(), "nothing written");
 
     let ck = t.join("missing.safetensors");
     let err = fails(&["inspect", s(&ck)]);
@@ -866,4 +877,128 @@ fn analyses_read_pth_checkpoints_in_both_layouts() {
     assert_eq!(weights(&c1), weights(&c2));
     let err = fails(&["fusion", s(&mm)]);
     assert!(err.contains("--num-heads"), "{err}");
+}
+
+/// `key=value` lines of a command's stdout.
+fn keys(out: &Output) -> std::collections::BTreeMap<String, String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn bench_reports_speed_flops_memory_and_hvp_cost() {
+    let out = ok(&[
+        "bench",
+        "--batch-size",
+        "4",
+        "--iters",
+        "1",
+        "--parts",
+        "train,forward,hvp,data",
+        "--hvp-batch",
+        "2",
+        "--peak-tflops",
+        "0.157",
+    ]);
+    let k = keys(&out);
+    let num = |key: &str| -> f64 {
+        k.get(key)
+            .unwrap_or_else(|| panic!("no {key} in {k:?}"))
+            .parse()
+            .unwrap_or_else(|_| panic!("{key}={} is not a number", k[key]))
+    };
+    for key in [
+        "train_step_s",
+        "train_images_per_s",
+        "train_tflops_per_s",
+        "train_memory_peak_bytes",
+        "forward_images_per_s",
+        "gradient_s",
+        "hvp_s",
+        "hvp_first_s",
+        "hvp_over_gradient",
+        "data_mae_images_per_s",
+        "data_pixmim_images_per_s",
+    ] {
+        assert!(num(key) > 0.0, "{key}");
+    }
+    // The printed FLOPs are the model's (tiny MFF at mask 0.75), and the rates follow from them.
+    let cfg = mimscope::bench::bench_config(
+        mimscope::config::ModelKind::Mff,
+        mimscope::config::Preset::Tiny,
+    );
+    let f = mimscope::bench::train_flops_per_image(&cfg, 0.75);
+    assert_eq!(k["train_flops_per_image"], format!("{f:.4e}"));
+    let tflops = f * 4.0 / num("train_step_s") / 1e12;
+    assert!((num("train_tflops_per_s") / tflops - 1.0).abs() < 1e-2);
+    assert!((num("train_fraction_of_peak") / (tflops / 0.157) - 1.0).abs() < 1e-2);
+    assert_eq!(num("hvp_batch"), 2.0);
+    assert!(num("train_memory_peak_bytes") >= num("train_memory_before_bytes"));
+
+    let err = fails(&["bench", "--parts", "train,nothing"]);
+    assert!(err.contains("nothing"), "{err}");
+    let err = fails(&["bench", "--mask-ratio", "1"]);
+    assert!(err.contains("--mask-ratio"), "{err}");
+}
+
+#[test]
+fn parity_of_the_cpu_with_itself_and_with_bf16() {
+    let out = ok(&["parity", "--batch-size", "4"]);
+    let k = keys(&out);
+    assert_eq!(k["parity"], "pass");
+    assert!(k["loss_rel"].starts_with("0.000e0"), "{k:?}");
+    assert!(k["gradients_rel"].starts_with("0.000e0"), "{k:?}");
+    // bf16 products: a real, small difference, within the stated tolerances.
+    let out = ok(&[
+        "parity",
+        "--batch-size",
+        "4",
+        "--precision",
+        "bf16",
+        "--model",
+        "mae",
+    ]);
+    let k = keys(&out);
+    assert_eq!(k["parity"], "pass");
+    let loss_rel: f64 = k["loss_rel"].split(' ').next().unwrap().parse().unwrap();
+    assert!(loss_rel > 0.0 && loss_rel < 5e-3, "{loss_rel}");
+    assert!(k["features_rel_max"].contains("(tolerance 3e-2)"), "{k:?}");
+    let err = fails(&["parity", "--checkpoint", "no/such.safetensors"]);
+    assert!(err.contains("no/such.safetensors"), "{err}");
+}
+
+#[test]
+fn gpu_scripts_are_valid_bash_with_help() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for script in ["scripts/build-cuda.sh", "scripts/gpu-check.sh"] {
+        let path = root.join(script);
+        let out = Command::new("bash").arg("-n").arg(&path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = Command::new("bash")
+            .arg(&path)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("--out"),
+            "{script} --help"
+        );
+    }
+    // A missing binary is named, with the way to build it.
+    let out = Command::new("bash")
+        .arg(root.join("scripts/gpu-check.sh"))
+        .args(["--binary", "/no/such/mimscope", "--out"])
+        .arg(std::env::temp_dir().join("mimscope-gpu-check-test"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("build-cuda.sh"));
 }

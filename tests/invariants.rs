@@ -212,3 +212,111 @@ fn loss_counts_removed_patches_only() {
         .unwrap();
     assert!(loss.abs() < 1e-20, "{loss}");
 }
+
+/// Relative L2 distance of two tensors.
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (to_vec(a), to_vec(b));
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f64 = a.iter().map(|x| x * x).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn bf16_matmuls_keep_f32_parameters_gradients_and_loss_close() {
+    // Mixed precision on the CPU (training uses it on GPUs only; the arithmetic is the same):
+    // every fusion kind, so projections and attention fusion are switched too.
+    for cfg in [small(vec![]), small(vec![0, 2]), {
+        let mut c = small(vec![1]);
+        c.fusion = mimscope::config::Fusion::Attention;
+        c.projection = mimscope::config::Projection::Mlp;
+        c
+    }] {
+        let (mut model, store) = Mae::init(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
+        let (imgs, mask) = inputs(4, &cfg, 2);
+        let full = model.forward(&imgs, &mask).unwrap();
+        let g_full = full.loss.backward().unwrap();
+
+        model.set_matmul_dtype(Some(DType::BF16));
+        let mixed = model.forward(&imgs, &mask).unwrap();
+        assert_eq!(mixed.loss.dtype(), DType::F32);
+        assert_eq!(mixed.pred.dtype(), DType::F32);
+        let (lf, lm) = (to_vec(&full.loss)[0], to_vec(&mixed.loss)[0]);
+        // bf16 rounds each product's inputs to 8 significant bits: visibly different from
+        // f32, and close.
+        let loss_rel = (lf - lm).abs() / lf;
+        assert!(loss_rel > 1e-7 && loss_rel < 5e-3, "loss {lf} vs {lm}");
+        assert!(rel(&full.encoder.latent, &mixed.encoder.latent) < 3e-2);
+        let g_mixed = mixed.loss.backward().unwrap();
+        let (mut num, mut den) = (0.0, 0.0);
+        for (name, var) in store.trainable() {
+            let a = g_full.get(var.as_tensor()).unwrap();
+            let b = g_mixed
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient in bf16"));
+            assert_eq!(b.dtype(), DType::F32, "{name}: gradient must reach f32");
+            let (a, b) = (to_vec(a), to_vec(b));
+            num += a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y) * (x - y))
+                .sum::<f64>();
+            den += a.iter().map(|x| x * x).sum::<f64>();
+        }
+        assert!(
+            (num / den).sqrt() < 5e-2,
+            "gradients {:.3e}",
+            (num / den).sqrt()
+        );
+        // The parameters never changed dtype, and switching back is exact f32 again.
+        assert!(store
+            .trainable()
+            .values()
+            .all(|v| v.as_tensor().dtype() == DType::F32));
+        model.set_matmul_dtype(None);
+        let again = model.forward(&imgs, &mask).unwrap();
+        assert_eq!(to_vec(&again.loss), to_vec(&full.loss));
+    }
+}
+
+#[test]
+fn gradient_norm_guard_sees_nan_and_measures_the_norm() {
+    use mimscope::train::{
+        grad_norm,
+        optim::{AdamW, DecayRule},
+    };
+    let cfg = small(vec![]);
+    let (model, store) = Mae::init(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
+    let opt = AdamW::new(
+        store.trainable(),
+        0.0,
+        DecayRule {
+            decay_fusion_weights: true,
+        },
+    )
+    .unwrap();
+    let (imgs, mask) = inputs(2, &cfg, 3);
+    let loss = model.forward(&imgs, &mask).unwrap().loss;
+    let grads = loss.backward().unwrap();
+    let by_hand: f64 = store
+        .trainable()
+        .values()
+        .map(|v| {
+            to_vec(grads.get(v.as_tensor()).unwrap())
+                .iter()
+                .map(|x| x * x)
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        .sqrt();
+    let norm = grad_norm(&grads, &opt).unwrap();
+    assert!(
+        (norm - by_hand).abs() < 1e-5 * by_hand,
+        "{norm} vs {by_hand}"
+    );
+    // One NaN pixel poisons the gradient; the guard must see it.
+    let mut px = to_vec(&imgs).iter().map(|&v| v as f32).collect::<Vec<_>>();
+    px[0] = f32::NAN;
+    let bad = Tensor::from_vec(px, imgs.shape(), &Device::Cpu).unwrap();
+    let grads = model.forward(&bad, &mask).unwrap().loss.backward().unwrap();
+    assert!(!grad_norm(&grads, &opt).unwrap().is_finite());
+}

@@ -58,12 +58,12 @@ pub fn execute(command: Command) -> Result<()> {
         }
         Command::Bench(a) => {
             let device = a.device.device()?;
-            let cfg = crate::bench::bench_config(a.model.model, a.model.preset);
-            for line in crate::bench::run(&cfg, a.batch_size, a.iters, &device)? {
+            for line in crate::bench::run(&a.settings(), &device)? {
                 println!("{line}");
             }
             Ok(())
         }
+        Command::Parity(a) => crate::parity::run(&a),
         Command::Spectrum(a) => spectrum::run(&a.settings(), &a.device.device()?).map(|_| ()),
         Command::Fusion(a) => {
             let s = fusion::FusionSettings {

@@ -11,7 +11,7 @@
 //!
 //! The fused sequence then goes through the encoder's final norm into the unchanged decoder.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::ops;
@@ -35,6 +35,18 @@ impl Proj {
                 Linear::new(dim, dim, vb.pp("2"))?,
             ),
         })
+    }
+}
+
+impl Proj {
+    fn set_matmul_dtype(&mut self, mm: Option<DType>) {
+        match self {
+            Proj::Linear(l) => l.set_matmul_dtype(mm),
+            Proj::Mlp(a, b) => {
+                a.set_matmul_dtype(mm);
+                b.set_matmul_dtype(mm);
+            }
+        }
     }
 }
 
@@ -81,6 +93,17 @@ impl Fusion {
             )?),
         };
         Ok(Self { projs, combine })
+    }
+
+    /// Matrix products of the projections (and attention fusion) in `mm`; the weighted sum
+    /// stays in the inputs' dtype.
+    pub fn set_matmul_dtype(&mut self, mm: Option<DType>) {
+        for p in &mut self.projs {
+            p.set_matmul_dtype(mm);
+        }
+        if let Combine::Attention(a) = &mut self.combine {
+            a.set_matmul_dtype(mm);
+        }
     }
 
     /// The softmax-normalised fusion weights (shallow layers first, then the last), or `None`

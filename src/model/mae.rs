@@ -152,6 +152,23 @@ impl Mae {
         Ok(model)
     }
 
+    /// Mixed precision: every matrix product (patch embedding, linear layers, attention,
+    /// fusion projections) computed in `mm` (bf16 for training on GPUs) from f32 parameters
+    /// and activations cast on the fly; `None` restores full precision. Norms, softmax, GELU,
+    /// the residual stream, the loss and all gradients of parameters stay in the parameters'
+    /// dtype.
+    pub fn set_matmul_dtype(&mut self, mm: Option<DType>) {
+        self.patch_embed.set_matmul_dtype(mm);
+        for b in self.blocks.iter_mut().chain(self.decoder_blocks.iter_mut()) {
+            b.set_matmul_dtype(mm);
+        }
+        if let Some(f) = &mut self.fusion {
+            f.set_matmul_dtype(mm);
+        }
+        self.decoder_embed.set_matmul_dtype(mm);
+        self.decoder_pred.set_matmul_dtype(mm);
+    }
+
     pub fn fusion(&self) -> Option<&Fusion> {
         self.fusion.as_ref()
     }

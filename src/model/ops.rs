@@ -5,7 +5,7 @@
 //! through this module, built from primitive ops whose first and second derivatives candle
 //! knows. It is the one place where fused kernels with a backward can later be slotted in.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 
 /// LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * w + b, biased variance as
 /// torch.nn.LayerNorm.
@@ -28,4 +28,14 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Exact (erf) GELU, as torch.nn.GELU() in MAE; not the tanh approximation (`Tensor::gelu`).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
+}
+
+/// `t` in the matrix-product dtype `mm` (mixed precision), or itself when `mm` is `None` or
+/// already its dtype. The cast is differentiable: its gradient comes back in `t`'s dtype, so
+/// f32 parameters get f32 gradients.
+pub fn lowp(t: &Tensor, mm: Option<DType>) -> Result<Tensor> {
+    match mm {
+        Some(dt) if dt != t.dtype() => t.to_dtype(dt),
+        _ => Ok(t.clone()),
+    }
 }

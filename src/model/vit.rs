@@ -3,7 +3,7 @@
 //!
 //! Shapes: B batch, N tokens, D width, H heads, d = D/H head width, P = p*p*C patch length.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::ops;
@@ -17,13 +17,24 @@ pub const LN_EPS: f64 = 1e-6;
 pub struct Linear {
     weight: Tensor,
     bias: Tensor,
+    /// Dtype of the product (mixed precision); `None`: the input's.
+    mm: Option<DType>,
 }
 
 impl Linear {
     pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", xavier(in_dim, out_dim))?;
         let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            mm: None,
+        })
+    }
+
+    /// Computes the product in `mm` (see [`ops::lowp`]); the output keeps the input's dtype.
+    pub fn set_matmul_dtype(&mut self, mm: Option<DType>) {
+        self.mm = mm;
     }
 }
 
@@ -33,9 +44,9 @@ impl Module for Linear {
         let mut dims = x.dims().to_vec();
         let in_dim = dims.pop().unwrap_or(0);
         let rows: usize = dims.iter().product();
-        let y = x
-            .reshape((rows, in_dim))?
-            .matmul(&self.weight.t()?)?
+        let y = ops::lowp(&x.reshape((rows, in_dim))?, self.mm)?
+            .matmul(&ops::lowp(&self.weight, self.mm)?.t()?)?
+            .to_dtype(x.dtype())?
             .broadcast_add(&self.bias)?;
         dims.push(self.bias.dim(0)?);
         y.reshape(dims)
@@ -70,6 +81,8 @@ pub struct Attention {
     qkv: Linear,
     proj: Linear,
     num_heads: usize,
+    /// Dtype of the two attention products; softmax stays in the input's dtype.
+    mm: Option<DType>,
 }
 
 impl Attention {
@@ -79,7 +92,14 @@ impl Attention {
             qkv: Linear::new(dim, 3 * dim, vb.pp("qkv"))?,
             proj: Linear::new(dim, dim, vb.pp("proj"))?,
             num_heads,
+            mm: None,
         })
+    }
+
+    pub fn set_matmul_dtype(&mut self, mm: Option<DType>) {
+        self.qkv.set_matmul_dtype(mm);
+        self.proj.set_matmul_dtype(mm);
+        self.mm = mm;
     }
 
     /// Attention in which only the last `n_query` tokens ask (every token is a key and value);
@@ -96,10 +116,14 @@ impl Attention {
         let q = qkv.get(0)?.narrow(2, n - n_query, n_query)?.contiguous()?; // B H Nq d
         let k = qkv.get(1)?.contiguous()?; // B H N d
         let v = qkv.get(2)?.contiguous()?; // B H N d
-        let scores = (q * (hd as f64).powf(-0.5))?.matmul(&k.t()?)?; // B H Nq N
+        let dt = x.dtype();
+        let scores = ops::lowp(&(q * (hd as f64).powf(-0.5))?, self.mm)?
+            .matmul(&ops::lowp(&k, self.mm)?.t()?)?
+            .to_dtype(dt)?; // B H Nq N
         let attn = ops::softmax_last_dim(&scores)?;
-        let y = attn
-            .matmul(&v)? // B H Nq d
+        let y = ops::lowp(&attn, self.mm)?
+            .matmul(&ops::lowp(&v, self.mm)?)? // B H Nq d
+            .to_dtype(dt)?
             .transpose(1, 2)? // B Nq H d
             .reshape((b, n_query, dim))?;
         self.proj.forward(&y)
@@ -125,6 +149,11 @@ impl Mlp {
             fc1: Linear::new(dim, hidden, vb.pp("fc1"))?,
             fc2: Linear::new(hidden, dim, vb.pp("fc2"))?,
         })
+    }
+
+    pub fn set_matmul_dtype(&mut self, mm: Option<DType>) {
+        self.fc1.set_matmul_dtype(mm);
+        self.fc2.set_matmul_dtype(mm);
     }
 }
 
@@ -153,6 +182,11 @@ impl Block {
         })
     }
 
+    pub fn set_matmul_dtype(&mut self, mm: Option<DType>) {
+        self.attn.set_matmul_dtype(mm);
+        self.mlp.set_matmul_dtype(mm);
+    }
+
     /// The residual stream after the attention half, and after the whole block.
     pub fn forward_halves(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
@@ -175,6 +209,7 @@ pub struct PatchEmbed {
     weight: Tensor,
     bias: Tensor,
     patch: usize,
+    mm: Option<DType>,
 }
 
 impl PatchEmbed {
@@ -189,7 +224,12 @@ impl PatchEmbed {
             weight,
             bias,
             patch,
+            mm: None,
         })
+    }
+
+    pub fn set_matmul_dtype(&mut self, mm: Option<DType>) {
+        self.mm = mm;
     }
 }
 
@@ -205,8 +245,9 @@ impl Module for PatchEmbed {
             .permute(vec![0, 2, 4, 1, 3, 5])? // B h w C p p
             .reshape((b * gh * gw, c * p * p))?;
         let w = self.weight.reshape((dim, c * p * p))?;
-        patches
-            .matmul(&w.t()?)?
+        ops::lowp(&patches, self.mm)?
+            .matmul(&ops::lowp(&w, self.mm)?.t()?)?
+            .to_dtype(imgs.dtype())?
             .broadcast_add(&self.bias)?
             .reshape((b, gh * gw, dim))
     }

@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint::{self, checkpoint_paths, latest_checkpoint, write_atomic};
-use crate::config::TrainConfig;
+use crate::config::{TrainConfig, TrainPrecision};
 use crate::data::Dataset;
 use crate::model::{Mae, Mask};
 use crate::rng::{stream, Purpose};
@@ -124,6 +124,23 @@ fn fusion_header(cfg: &TrainConfig) -> String {
     format!("step,{}", cols.join(","))
 }
 
+/// bf16 training is for GPUs: a CPU run refuses it before anything is written.
+fn check_precision(cfg: &TrainConfig, device: &Device, resuming: bool) -> Result<()> {
+    if cfg.precision != TrainPrecision::F32 && device.is_cpu() {
+        bail!(
+            "--precision {} is for GPUs (--device cuda:N); on a CPU, training runs in f32 \
+             (drop --precision){}",
+            cfg.precision.name(),
+            if resuming {
+                "; this run was started in that precision, so resume it on a GPU"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
 /// Where a run starts.
 #[allow(clippy::large_enum_variant)] // built once per run
 pub enum Start {
@@ -140,6 +157,7 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
     let resuming = matches!(start, Start::Resume);
     let (cfg, dataset) = match start {
         Start::Fresh(cfg, dataset) => {
+            check_precision(&cfg, device, false)?;
             if run_dir.exists()
                 && std::fs::read_dir(run_dir)
                     .map(|mut d| d.next().is_some())
@@ -171,6 +189,7 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
             })?;
             let cfg = serde_json::from_str::<TrainConfig>(&text)
                 .with_context(|| format!("parsing {}", path.display()))?;
+            check_precision(&cfg, device, true)?;
             let dataset = open_dataset(cfg.data.as_deref())?;
             if dataset.len() != cfg.dataset_size {
                 eprintln!(
@@ -235,6 +254,8 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
             (model, store, opt)
         }
     };
+    let mut model = model;
+    model.set_matmul_dtype(cfg.precision.matmul_dtype());
     let first = resume_step.unwrap_or(0);
     let (decayed, undecayed) = opt.groups();
     eprintln!(
@@ -318,6 +339,25 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
             );
             }
             let grads = out.loss.backward()?;
+            if cfg.precision != TrainPrecision::F32 {
+                // NaN guard: bf16 has f32's exponent range, so no loss scaling, but a product
+                // that overflows or loses everything must not reach the f32 master weights.
+                let norm = grad_norm(&grads, &opt)?;
+                if !norm.is_finite() {
+                    bail!(
+                        "the gradient norm is {norm} at step {} ({} matmuls, loss {loss}); \
+                         stopped before updating the weights. The last good checkpoint is {}. \
+                         Start again with --precision f32, or lower --blr",
+                        step + 1,
+                        cfg.precision.name(),
+                        last_good
+                            .as_ref()
+                            .map_or("none (no checkpoint was written yet)".to_string(), |p| p
+                                .display()
+                                .to_string())
+                    );
+                }
+            }
             opt.apply(&grads, lr)?;
             let done = step + 1;
             let ips = cfg.batch_size as f64 / t0.elapsed().as_secs_f64();
@@ -359,6 +399,24 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
     )?;
     eprintln!("final checkpoint: {}", final_path.display());
     Ok((final_path, cfg))
+}
+
+/// The L2 norm of the gradients of the optimiser's parameters (non-finite when any entry is).
+pub fn grad_norm(grads: &candle_core::backprop::GradStore, opt: &AdamW) -> Result<f64> {
+    let mut total: Option<Tensor> = None;
+    for var in opt.vars() {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            let sq = g.to_dtype(DType::F32)?.sqr()?.sum_all()?;
+            total = Some(match total {
+                Some(t) => (t + sq)?,
+                None => sq,
+            });
+        }
+    }
+    Ok(match total {
+        Some(t) => t.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt(),
+        None => 0.0,
+    })
 }
 
 fn save_state(path: &Path, opt: &AdamW, cfg: &TrainConfig, step: u64) -> Result<()> {

@@ -84,6 +84,11 @@ impl AdamW {
         })
     }
 
+    /// The parameters, in name order.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.slots.iter().map(|s| &s.var)
+    }
+
     /// Names of the decayed and the undecayed parameters.
     pub fn groups(&self) -> (Vec<&str>, Vec<&str>) {
         let (d, n): (Vec<&Slot>, Vec<&Slot>) = self.slots.iter().partition(|s| s.decay);

@@ -1,0 +1,289 @@
+//! `mimscope parity`: one batch through the same weights on the CPU (f32, the reference) and on
+//! another device (or precision), comparing the loss, every encoder feature map (the masked
+//! training forward's residual stream, MFF's fused sequence, the latent and the prediction,
+//! and the unmasked encoder's layers that the spectra use) and every parameter's gradient.
+//!
+//! Differences are relative L2 errors, ||a - b|| / ||a||, so one number per tensor whatever
+//! its scale; the gradient check also takes all gradients as one vector. The tolerances are
+//! stated in [`Tolerances::for_precision`] and printed with the results; any excess makes the
+//! command fail.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::cli::ParityArgs;
+use crate::config::TrainPrecision;
+use crate::model::{Mae, Mask, ParamStore};
+use crate::rng::{stream, Purpose};
+
+/// Largest accepted relative errors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tolerances {
+    pub loss: f64,
+    /// Worst feature map.
+    pub features: f64,
+    /// All gradients as one vector.
+    pub gradients: f64,
+    /// Worst single parameter's gradient.
+    pub gradient_tensor: f64,
+}
+
+impl Tolerances {
+    /// f32: the same arithmetic in another order (cuBLAS's blocking, parallel reductions), so
+    /// errors of a few ulp per operation through 12+2 blocks, about 1e-6 relative, with
+    /// margin; a wrong kernel is off by O(1).
+    ///
+    /// bf16 matrix products round their inputs to 8 significant bits (2^-9 = 2e-3 relative
+    /// each). Measured on the CPU against f32 (`tiny`, batch 8-32): loss 4e-6..7e-4, features
+    /// 5e-3..1e-2, gradients 6e-3..2.4e-2 at initial weights and after 200 steps, but up to
+    /// 9.7e-2 (worst tensor 0.23) for trained MAE weights at batch 32, where the mean gradient
+    /// is small against the per-image ones whose rounding noise it sums. So the bf16 bounds
+    /// are loose for gradients; they still catch a wrong kernel (error near 1).
+    pub fn for_precision(p: TrainPrecision) -> Self {
+        match p {
+            TrainPrecision::F32 => Tolerances {
+                loss: 1e-5,
+                features: 1e-4,
+                gradients: 1e-4,
+                gradient_tensor: 1e-3,
+            },
+            TrainPrecision::Bf16 => Tolerances {
+                loss: 5e-3,
+                features: 3e-2,
+                gradients: 2e-1,
+                gradient_tensor: 5e-1,
+            },
+        }
+    }
+}
+
+/// One side's results, on the host in f64.
+struct Side {
+    loss: f64,
+    features: Vec<(String, Vec<f64>)>,
+    grads: BTreeMap<String, Vec<f64>>,
+}
+
+fn host(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+}
+
+fn evaluate(model: &Mae, store: &ParamStore, imgs: &Tensor, mask: &Mask) -> Result<Side> {
+    let out = model.forward(imgs, mask)?;
+    let mut features = Vec::new();
+    for (i, t) in out.encoder.layers.iter().enumerate() {
+        features.push((format!("masked.layer_{i}"), host(t)?));
+    }
+    if let Some(f) = &out.encoder.fused {
+        features.push(("masked.fused".to_string(), host(f)?));
+    }
+    features.push(("masked.latent".to_string(), host(&out.encoder.latent)?));
+    features.push(("prediction".to_string(), host(&out.pred)?));
+    let unmasked = model.forward_encoder_unmasked(imgs)?;
+    for (i, t) in unmasked.layers.iter().enumerate() {
+        features.push((format!("unmasked.layer_{i}"), host(t)?));
+    }
+    let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let grads_store = out.loss.backward()?;
+    let mut grads = BTreeMap::new();
+    for (name, var) in store.trainable() {
+        if let Some(g) = grads_store.get(var.as_tensor()) {
+            grads.insert(name.clone(), host(g)?);
+        }
+    }
+    Ok(Side {
+        loss,
+        features,
+        grads,
+    })
+}
+
+/// ||a - b|| / ||a|| (0 when both are 0).
+pub fn relative_l2(a: &[f64], b: &[f64]) -> f64 {
+    let (mut num, mut den) = (0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        num += (x - y) * (x - y);
+        den += x * x;
+    }
+    if num == 0.0 {
+        0.0
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// The comparison, as printed.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub lines: Vec<String>,
+    /// Each tolerance exceeded, in words; empty when the device agrees.
+    pub failures: Vec<String>,
+}
+
+/// The model as `args` asks, on `device`, f32 parameters.
+fn load(args: &ParityArgs, device: &Device) -> Result<(Mae, ParamStore)> {
+    match &args.checkpoint {
+        Some(path) => {
+            let l = crate::checkpoint::load_model(path, DType::F32, device)?;
+            Ok((l.model, l.store))
+        }
+        None => {
+            let cfg = crate::bench::bench_config(args.model.model, args.model.preset);
+            Ok(Mae::init(&cfg, args.seed, DType::F32, device)?)
+        }
+    }
+}
+
+/// Runs both sides and compares them.
+pub fn compare(args: &ParityArgs, device: &Device) -> Result<Report> {
+    if args.batch_size == 0 {
+        bail!("--batch-size must be positive");
+    }
+    let (reference, ref_store) = load(args, &Device::Cpu)?;
+    let (mut target, target_store) = load(args, device)?;
+    target.set_matmul_dtype(args.precision.matmul_dtype());
+    let cfg = reference.cfg.clone();
+    let dataset = crate::train::open_dataset(args.data.as_deref())?;
+    if dataset.len() < args.batch_size {
+        bail!(
+            "--batch-size {} but only {} images are available",
+            args.batch_size,
+            dataset.len()
+        );
+    }
+    let s = cfg.img_size;
+    let data = dataset.eval_batch(args.batch_size, s as u32)?;
+    crate::model::masking::check_ratio(cfg.num_patches(), args.mask_ratio)
+        .map_err(anyhow::Error::msg)?;
+    let mask = Mask::random(
+        args.batch_size,
+        cfg.num_patches(),
+        args.mask_ratio,
+        &mut stream(args.seed, Purpose::EvalMask, 0),
+    );
+    let shape = (args.batch_size, cfg.in_chans, s, s);
+    let a = evaluate(
+        &reference,
+        &ref_store,
+        &Tensor::from_vec(data.clone(), shape, &Device::Cpu)?,
+        &mask,
+    )?;
+    let b = evaluate(
+        &target,
+        &target_store,
+        &Tensor::from_vec(data, shape, device)?,
+        &mask,
+    )?;
+
+    let tol = Tolerances::for_precision(args.precision);
+    let loss_rel = (a.loss - b.loss).abs() / a.loss.abs().max(f64::MIN_POSITIVE);
+    let worst = |pairs: Vec<(String, f64)>| {
+        pairs
+            .into_iter()
+            .max_by(|x, y| x.1.total_cmp(&y.1))
+            .unwrap_or_default()
+    };
+    let (feat_name, feat_rel) = worst(
+        a.features
+            .iter()
+            .zip(&b.features)
+            .map(|((n, x), (_, y))| (n.clone(), relative_l2(x, y)))
+            .collect(),
+    );
+    if a.grads.len() != b.grads.len() {
+        bail!(
+            "the CPU has gradients for {} parameters and the device for {}",
+            a.grads.len(),
+            b.grads.len()
+        );
+    }
+    let (grad_name, grad_worst) = worst(
+        a.grads
+            .iter()
+            .map(|(n, x)| (n.clone(), relative_l2(x, &b.grads[n])))
+            .collect(),
+    );
+    let flat = |s: &Side| s.grads.values().flatten().copied().collect::<Vec<f64>>();
+    let grad_rel = relative_l2(&flat(&a), &flat(&b));
+
+    let lines = vec![
+        format!("device={}", crate::bench::describe(device)),
+        format!("precision={}", args.precision.name()),
+        format!(
+            "weights={}",
+            args.checkpoint.as_ref().map_or(
+                format!(
+                    "{:?} {:?} seed {}",
+                    args.model.model, args.model.preset, args.seed
+                ),
+                |p| p.display().to_string()
+            )
+        ),
+        format!("batch_size={}", args.batch_size),
+        format!("loss_cpu={:.9}", a.loss),
+        format!("loss_device={:.9}", b.loss),
+        format!("loss_rel={loss_rel:.3e} (tolerance {:.0e})", tol.loss),
+        format!(
+            "features_rel_max={feat_rel:.3e} at {feat_name} of {} maps (tolerance {:.0e})",
+            a.features.len(),
+            tol.features
+        ),
+        format!(
+            "gradients_rel={grad_rel:.3e} over {} tensors (tolerance {:.0e})",
+            a.grads.len(),
+            tol.gradients
+        ),
+        format!(
+            "gradient_tensor_rel_max={grad_worst:.3e} at {grad_name} (tolerance {:.0e})",
+            tol.gradient_tensor
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, value, limit) in [
+        ("loss", loss_rel, tol.loss),
+        ("features", feat_rel, tol.features),
+        ("gradients", grad_rel, tol.gradients),
+        ("gradient of one tensor", grad_worst, tol.gradient_tensor),
+    ] {
+        // NaN fails too.
+        if value.is_nan() || value > limit {
+            failures.push(format!("{what}: {value:.3e} > {limit:.0e}"));
+        }
+    }
+    Ok(Report { lines, failures })
+}
+
+/// `mimscope parity`: prints the comparison; an error when outside the tolerances.
+pub fn run(args: &ParityArgs) -> Result<()> {
+    let device = args.device.device()?;
+    let report = compare(args, &device)?;
+    for l in &report.lines {
+        println!("{l}");
+    }
+    if report.failures.is_empty() {
+        println!("parity=pass");
+        Ok(())
+    } else {
+        println!("parity=fail");
+        bail!(
+            "{} disagrees with the CPU beyond the tolerances: {}",
+            crate::bench::describe(&device),
+            report.failures.join("; ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_l2_by_hand() {
+        assert_eq!(relative_l2(&[3.0, 4.0], &[3.0, 4.0]), 0.0);
+        assert_eq!(relative_l2(&[0.0, 0.0], &[0.0, 0.0]), 0.0);
+        assert!((relative_l2(&[3.0, 4.0], &[3.0, 3.0]) - 0.2).abs() < 1e-15);
+        assert!(relative_l2(&[0.0], &[1.0]).is_infinite());
+    }
+}
