@@ -28,6 +28,19 @@ pub fn parse_command_line(args: &[String]) -> Result<Command> {
 
 /// Runs one parsed command.
 pub fn execute(command: Command) -> Result<()> {
+    run_command(command).map_err(|e| {
+        if format!("{e:#}").contains("OUT_OF_MEMORY") {
+            e.context(
+                "the GPU ran out of memory: lower --batch-size (hessian: --micro-batch; \
+                 spectrum: --batch-size)",
+            )
+        } else {
+            e
+        }
+    })
+}
+
+fn run_command(command: Command) -> Result<()> {
     match command {
         Command::Train(args) => train_command(&args),
         Command::Reconstruct(a) => {

@@ -320,8 +320,9 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
             let data = rx
                 .recv()
                 .context("the data-loading thread stopped unexpectedly")??;
-            waited += t0.elapsed();
             let imgs = Tensor::from_vec(data, (cfg.batch_size, 3, s, s), device)?;
+            // Waiting for the batch and copying it to the device (nothing on the CPU).
+            waited += t0.elapsed();
             let mask = batch_mask(&cfg, step);
             let out = model.forward(&imgs, &mask)?;
             let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -385,7 +386,8 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
     let total = started.elapsed().as_secs_f64();
     if total > 0.0 && cfg.steps > first {
         eprintln!(
-            "data: the steps waited {:.1} s for batches, {:.1}% of {total:.1} s of training",
+            "data: the steps waited {:.1} s for batches (and their copy to the device), {:.1}% \
+             of {total:.1} s of training",
             waited.as_secs_f64(),
             100.0 * waited.as_secs_f64() / total
         );
