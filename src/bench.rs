@@ -19,7 +19,9 @@ use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use rand_distr::{Distribution, StandardNormal};
 
+use crate::analysis::hessian::{top_eigen, PowerSettings};
 use crate::analysis::hvp::{with_second_order, Objective};
+use crate::analysis::spectrum::Accumulator;
 use crate::config::TrainPrecision;
 use crate::config::{default_fuse_layers, Fusion, ModelConfig, ModelKind, Preset, Projection};
 use crate::data::Augment;
@@ -45,8 +47,12 @@ pub enum Part {
     Train,
     /// Unmasked encoder forward, every block output kept.
     Forward,
+    /// The Fourier recipe on the unmasked encoder's embedding and block outputs (spectra).
+    Spectrum,
     /// One exact Hessian-vector product against one gradient (f32, `--hvp-batch` images).
     Hvp,
+    /// 20 power-iteration steps with exact products, set-up included (`--hvp-batch` images).
+    Power,
     /// Building one training batch from the bundled photos, per augmentation.
     Data,
 }
@@ -156,9 +162,9 @@ fn rate_lines(out: &mut Vec<String>, part: &str, s: &BenchSettings, secs: f64, f
     out.push(format!("{part}_images_per_s={:.2}", s.batch as f64 / secs));
     out.push(format!("{part}_flops_per_image={flops:.4e}"));
     let tflops = flops * s.batch as f64 / secs / 1e12;
-    out.push(format!("{part}_tflops_per_s={tflops:.4}"));
+    out.push(format!("{part}_tflops_per_s={tflops:.6}"));
     if let Some(peak) = s.peak_tflops {
-        out.push(format!("{part}_fraction_of_peak={:.4}", tflops / peak));
+        out.push(format!("{part}_fraction_of_peak={:.6}", tflops / peak));
     }
 }
 
@@ -246,7 +252,24 @@ pub fn run(s: &BenchSettings, device: &Device) -> Result<Vec<String>> {
         );
         memory_lines(&mut out, "forward", mem);
     }
-    if s.parts.contains(&Part::Hvp) {
+    if s.parts.contains(&Part::Spectrum) {
+        // As the spectra: the embedding and every block output, cls dropped, on the host.
+        let trace = model.forward_encoder_unmasked(&imgs)?;
+        let g = cfg.grid();
+        let (secs, _) = timed(s.iters, &Device::Cpu, |_| {
+            for layer in &trace.layers {
+                let t = layer.narrow(1, 1, g * g)?;
+                let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut acc = Accumulator::new(g, g);
+                acc.add(&data, s.batch, cfg.embed_dim);
+                acc.finish().delta_diagonal();
+            }
+            Ok(())
+        })?;
+        out.push(format!("spectrum_layers={}", trace.layers.len()));
+        out.push(format!("spectrum_s={secs:.5}"));
+    }
+    if s.parts.contains(&Part::Hvp) || s.parts.contains(&Part::Power) {
         out.extend(hvp_lines(s, &mut model, &store, &imgs, &masks[0], device)?);
     }
     if s.parts.contains(&Part::Data) {
@@ -288,6 +311,23 @@ fn hvp_lines(
         decay_fusion_weights: true,
     };
     let lines = with_second_order(|| {
+        let mut out = vec![format!("hvp_batch={b}")];
+        if s.parts.contains(&Part::Power) {
+            // PyHessian's top eigenvalue with 20 products and no early stop, the objective's
+            // set-up (and so the first product's graph) included.
+            let t0 = Instant::now();
+            let obj = Objective::new(model, store, &imgs, &mask, b, 0.0, rule)?;
+            let settings = PowerSettings {
+                max_iters: 20,
+                tol: 0.0,
+            };
+            let mut rng = stream(0, Purpose::PowerIteration, 0);
+            top_eigen(obj.len(), 1, settings, &mut rng, |v| obj.hvp_exact(v))?;
+            out.push(format!("power_s={:.3}", t0.elapsed().as_secs_f64()));
+        }
+        if !s.parts.contains(&Part::Hvp) {
+            return Ok(out);
+        }
         let obj = Objective::new(model, store, &imgs, &mask, b, 0.0, rule)?;
         let v: Vec<f64> = {
             let mut r = stream(0, Purpose::Synthetic, 1);
@@ -303,15 +343,14 @@ fn hvp_lines(
         let first = t0.elapsed().as_secs_f64();
         let (hvp, _) = timed(s.iters, device, |_| obj.hvp_exact(&v).map(|_| ()))?;
         let mem = watch.finish();
-        let mut out = vec![
-            format!("hvp_batch={b}"),
+        out.extend([
             format!("hvp_parameters={}", obj.len()),
             format!("gradient_s={grad:.5}"),
             format!("hvp_first_s={first:.5}"),
             format!("hvp_s={hvp:.5}"),
             format!("hvp_over_gradient={:.3}", hvp / grad),
             format!("hvp_first_over_gradient={:.3}", first / grad),
-        ];
+        ]);
         memory_lines(&mut out, "hvp", mem);
         Ok(out)
     })?;

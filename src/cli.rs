@@ -368,7 +368,7 @@ pub struct BenchArgs {
         default_value = "train,forward,data"
     )]
     pub parts: Vec<crate::bench::Part>,
-    /// Images in the loss whose Hessian-vector products `--parts hvp` times.
+    /// Images in the loss whose Hessian-vector products `--parts hvp,power` time.
     #[arg(long, default_value_t = 8)]
     pub hvp_batch: usize,
     /// The device's peak rate in TFLOP/s, to print the fraction of it reached (e.g. 790 for

@@ -365,6 +365,8 @@ pub fn with_second_order<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Resul
                 );
             }
             SECOND_ORDER.with(|c| c.set(true));
+            // The fused kernels' backward passes are not differentiable: primitive ops here.
+            crate::model::ops::set_second_order(true);
             f()
         });
         let _ = rx.recv();

@@ -1,33 +1,85 @@
 //! Differentiable building blocks.
 //!
 //! candle's fused `layer_norm` and `softmax_last_dim` carry no backward op (CANDLE.md): anything
-//! upstream of them silently gets no gradient. Every normalisation and softmax of the model goes
-//! through this module, built from primitive ops whose first and second derivatives candle
-//! knows. It is the one place where fused kernels with a backward can later be slotted in.
+//! upstream of them silently gets no gradient. Every normalisation, softmax and GELU of the
+//! model goes through this module, in one of two forms:
+//! - on the CPU, our fused kernels with fused backward kernels ([`super::fused`]): exact first
+//!   derivatives, one pass each way;
+//! - elsewhere (CUDA), and on a thread that takes second derivatives (exact Hessian-vector
+//!   products, see [`set_second_order`]), the same functions built from primitive ops whose
+//!   first and second derivatives candle knows ([`primitive`]).
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
+
+thread_local! {
+    static SECOND_ORDER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as one whose gradients are differentiated again: from then on its
+/// layer norms, softmaxes and GELUs are the primitive-op forms, whose backward passes are
+/// themselves differentiable.
+pub fn set_second_order(on: bool) {
+    SECOND_ORDER.with(|c| c.set(on));
+}
+
+/// Whether the fused CPU kernels apply to `x` on this thread.
+fn fused(x: &Tensor) -> bool {
+    x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && !SECOND_ORDER.with(|c| c.get())
+}
 
 /// LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * w + b, biased variance as
 /// torch.nn.LayerNorm.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.broadcast_mul(weight)?.broadcast_add(bias)
+    if fused(x) {
+        super::fused::layer_norm(x, weight, bias, eps)
+    } else {
+        primitive::layer_norm(x, weight, bias, eps)
+    }
 }
 
-/// Softmax over the last dimension. The max is detached before `exp`: it only shifts the
-/// exponent for stability and cancels in the ratio, so the gradient is unchanged.
+/// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    if fused(x) {
+        super::fused::softmax_last_dim(x)
+    } else {
+        primitive::softmax_last_dim(x)
+    }
 }
 
 /// Exact (erf) GELU, as torch.nn.GELU() in MAE; not the tanh approximation (`Tensor::gelu`).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    x.gelu_erf()
+    if fused(x) {
+        super::fused::gelu_erf(x)
+    } else {
+        primitive::gelu(x)
+    }
+}
+
+/// The forms built from candle's primitive ops (differentiable twice).
+pub mod primitive {
+    use candle_core::{Result, Tensor, D};
+
+    pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+        normed.broadcast_mul(weight)?.broadcast_add(bias)
+    }
+
+    /// The max is detached before `exp`: it only shifts the exponent for stability and cancels
+    /// in the ratio, so the gradient is unchanged.
+    pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    }
+
+    pub fn gelu(x: &Tensor) -> Result<Tensor> {
+        x.gelu_erf()
+    }
 }
 
 /// `t` in the matrix-product dtype `mm` (mixed precision), or itself when `mm` is `None` or

@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""PyTorch eager timings of the work `mimscope bench` times, for the README's side-by-side table.
+
+Not run by CI. Uses the plain-PyTorch restatement of MAE / MFF in tests/reference/
+torch_reference.py (the model the golden tests come from), the `tiny` preset (32 px, patch 4,
+192 wide, 12 blocks, 3 heads; decoder 128 x 2 x 4 heads; MFF fusing blocks 0,2,4,6,8 with
+softmax weights), fp32, on the CPU, and prints `key=value` lines with the same keys as
+`mimscope bench --parts train,forward,spectrum,hvp,power`:
+
+  train_step_s         forward, backward and AdamW (betas 0.9/0.95, wd 0.05), batch 64, mask 0.75
+  forward_step_s       unmasked encoder under no_grad, every block output kept
+  spectrum_s           the Fourier recipe (REFERENCE.md 3) on those 13 layers, torch.fft
+  gradient_s           the loss gradient with its graph kept (create_graph=True)
+  hvp_s                one exact Hessian-vector product on that retained graph
+  power_s              20 power-iteration steps (PyHessian's recipe), set-up included
+
+Each is the median of --iters runs after one warm-up. Run it beside the Rust bench, on the
+same machine, at the same time of day:
+
+  python benches/torch_reference.py --threads 2
+  mimscope bench --parts train,forward,spectrum,hvp,power --hvp-batch 64
+
+Needs torch (CPU build) and numpy.
+"""
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "reference"))
+import torch_reference as ref  # noqa: E402  (model code only; it sets 1 thread, reset below)
+
+TINY = dict(img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=12, num_heads=3,
+            decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0,
+            norm_pix_loss=True)
+
+
+def timed(fn, iters):
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def spectra(layers):
+    """REFERENCE.md section 3 on every layer: (B, 1+N, C) tokens -> half-diagonal Delta."""
+    out = []
+    for x in layers:
+        x = x[:, 1:, :]
+        b, n, c = x.shape
+        h = int(round(math.sqrt(n)))
+        maps = x.permute(0, 2, 1).reshape(b, c, h, h)
+        la = torch.log(torch.fft.fft2(maps).abs() + 1e-6)
+        la = torch.roll(la, shifts=(h // 2, h // 2), dims=(-2, -1)).mean(dim=(0, 1))
+        idx = torch.arange(h // 2)
+        d = la[h // 2 + idx, h // 2 + idx]
+        out.append(d - d[0])
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--hvp-batch", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--model", choices=["mae", "mff"], default="mff")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = dict(TINY)
+    if args.model == "mff":
+        cfg.update(fuse_layers=[0, 2, 4, 6, 8], projection="linear", fusion="weighted")
+    model = ref.MaskedAutoencoderViT(**cfg).float()
+    b, s = args.batch_size, cfg["img_size"]
+    imgs = torch.randn(b, 3, s, s)
+    noise = torch.rand(b, (s // cfg["patch_size"]) ** 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.05)
+    print(f"torch={torch.__version__}")
+    print(f"threads={torch.get_num_threads()}")
+    print(f"model={args.model}")
+    print(f"batch_size={b}")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(imgs, noise, 0.75).backward()
+        opt.step()
+    t = timed(step, args.iters)
+    print(f"train_step_s={t:.5f}")
+    print(f"train_images_per_s={b / t:.2f}")
+
+    layers = []
+
+    def forward():
+        nonlocal layers
+        with torch.no_grad():
+            layers = model.forward_encoder_unmasked(imgs)
+    f = timed(forward, args.iters)
+    print(f"forward_step_s={f:.5f}")
+    print(f"forward_images_per_s={b / f:.2f}")
+    sp = timed(lambda: spectra(layers), args.iters)
+    print(f"spectrum_s={sp:.5f}")
+    print(f"spectrum_over_forward={sp / f:.3f}")
+
+    hb = args.hvp_batch
+    obj_imgs, obj_noise = imgs[:hb], noise[:hb]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradient_with_graph():
+        loss = model(obj_imgs, obj_noise, 0.75)
+        return torch.autograd.grad(loss, params, create_graph=True)
+    g_s = timed(gradient_with_graph, args.iters)
+    grads = gradient_with_graph()
+    v = [torch.randn_like(p) for p in params]
+
+    def hvp():
+        return torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+    h_s = timed(hvp, args.iters)
+    print(f"hvp_batch={hb}")
+    print(f"gradient_s={g_s:.5f}")
+    print(f"hvp_s={h_s:.5f}")
+    print(f"hvp_over_gradient={h_s / g_s:.3f}")
+
+    def power():
+        # PyHessian's hessian.eigenvalues(top_n=1), 20 steps, no early stop: set-up (the
+        # gradient graph) included.
+        g = gradient_with_graph()
+        gen = torch.Generator().manual_seed(0)
+        vec = [torch.randn(p.shape, generator=gen) for p in params]
+        for _ in range(20):
+            norm = math.sqrt(sum((x * x).sum().item() for x in vec)) + 1e-6
+            vec = [x / norm for x in vec]
+            hv = torch.autograd.grad(g, params, grad_outputs=vec, retain_graph=True)
+            sum(float((a * x).sum()) for a, x in zip(hv, vec))
+            vec = [h.detach() for h in hv]
+    p_s = timed(power, max(1, args.iters // 5))
+    print(f"power_s={p_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,599 @@
+//! Fused CPU kernels, with fused backward kernels, for the elementwise work of a ViT: layer norm
+//! over the last dimension, softmax over the last dimension, and exact (erf) GELU.
+//!
+//! Built from candle's primitive ops, a layer norm is 8 kernels forward and about 20 backward,
+//! each allocating a tensor and streaming memory: on the CPU those and their page faults, not
+//! the matrix products, were where a training step went (CANDLE.md). Each op here is one pass
+//! forward (a candle `CustomOp` on contiguous f32/f64 CPU tensors, rows split over the cores
+//! with rayon) and one pass backward.
+//!
+//! The backward kernels are not themselves differentiable, so these ops give exact first
+//! derivatives only. [`super::ops`] therefore uses them only where no second derivative is
+//! taken: not on the thread that computes exact Hessian-vector products, which keeps the
+//! primitive-op versions (their double backward is checked against PyTorch). Sums over a row
+//! accumulate in f64 in both precisions.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+/// The float types the kernels handle, with the functions they need.
+trait Float:
+    WithDType
+    + Send
+    + Sync
+    + Copy
+    + 'static
+    + std::ops::Add<Output = Self>
+    + std::ops::Mul<Output = Self>
+{
+    fn f(v: f64) -> Self;
+    fn d(self) -> f64;
+    fn exp(self) -> Self;
+    fn erf(self) -> Self;
+}
+
+impl Float for f32 {
+    fn f(v: f64) -> Self {
+        v as f32
+    }
+    fn d(self) -> f64 {
+        self as f64
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn erf(self) -> Self {
+        libm::erff(self)
+    }
+}
+
+impl Float for f64 {
+    fn f(v: f64) -> Self {
+        v
+    }
+    fn d(self) -> f64 {
+        self
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn erf(self) -> Self {
+        libm::erf(self)
+    }
+}
+
+/// Elements per parallel chunk of an elementwise kernel (enough work to pay for the task).
+const CHUNK: usize = 1 << 14;
+
+/// The contiguous slice of a storage, or an error naming the op.
+fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => bail!("{op}: expects a contiguous input"),
+    }
+}
+
+/// Rows of a row-wise kernel grouped so each task gets about CHUNK elements.
+fn rows_per_task(width: usize) -> usize {
+    (CHUNK / width.max(1)).max(1)
+}
+
+/// Dispatches a generic kernel on the storage's float type.
+macro_rules! by_dtype {
+    ($s:expr, $name:expr, |$t:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                $body
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                $body
+            }
+            _ => bail!("{}: f32 or f64 only", $name),
+        }
+    };
+}
+
+// ------------------------------------------------------------------------------------------
+// Layer norm
+// ------------------------------------------------------------------------------------------
+
+/// (x - mean) / sqrt(var + eps) * w + b over the last dimension, biased variance.
+struct LayerNorm {
+    eps: f64,
+}
+
+/// Mean and 1/sqrt(var + eps) of one row, accumulated in f64.
+fn row_stats<T: Float>(row: &[T], eps: f64) -> (f64, f64) {
+    let n = row.len() as f64;
+    let mean = row.iter().map(|v| v.d()).sum::<f64>() / n;
+    let var = row
+        .iter()
+        .map(|v| {
+            let c = v.d() - mean;
+            c * c
+        })
+        .sum::<f64>()
+        / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+fn layer_norm_fwd<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+    let d = w.len();
+    let mut out = vec![T::f(0.0); x.len()];
+    out.par_chunks_mut(d * rows_per_task(d))
+        .zip(x.par_chunks(d * rows_per_task(d)))
+        .for_each(|(o, xs)| {
+            for (orow, xrow) in o.chunks_mut(d).zip(xs.chunks(d)) {
+                let (mean, rstd) = row_stats(xrow, eps);
+                for i in 0..d {
+                    let xh = (xrow[i].d() - mean) * rstd;
+                    orow[i] = T::f(xh * w[i].d() + b[i].d());
+                }
+            }
+        });
+    out
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        by_dtype!(s1, name, |T| {
+            let (x, w, b) = (
+                slice::<T>(s1, l1, name)?,
+                slice::<T>(s2, l2, name)?,
+                slice::<T>(s3, l3, name)?,
+            );
+            let out = layer_norm_fwd(x, w, b, self.eps);
+            Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = w.elem_count();
+        let n = x.elem_count();
+        // One pass: dx, then dw and db, packed in one flat buffer.
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, d)?.reshape(w.shape())?;
+        let db = packed.narrow(0, n + d, d)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Backward of [`LayerNorm`]: with x̂ the normalised row, ĝ = g w, and r = 1/std,
+/// dx = r (ĝ - mean(ĝ) - x̂ mean(ĝ x̂)); dw = Σ_rows g x̂; db = Σ_rows g.
+struct LayerNormBwd {
+    eps: f64,
+}
+
+fn layer_norm_bwd<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
+    let d = w.len();
+    let n = x.len();
+    let mut out = vec![T::f(0.0); n + 2 * d];
+    let (dx, _) = out.split_at_mut(n);
+    let per = d * rows_per_task(d);
+    let partial = dx
+        .par_chunks_mut(per)
+        .zip(x.par_chunks(per).zip(g.par_chunks(per)))
+        .map(|(o, (xs, gs))| {
+            let mut acc = vec![0f64; 2 * d];
+            let mut xh = vec![0f64; d];
+            for ((orow, xrow), grow) in o.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
+                let (mean, rstd) = row_stats(xrow, eps);
+                let (mut sg, mut sgx) = (0.0, 0.0);
+                for i in 0..d {
+                    xh[i] = (xrow[i].d() - mean) * rstd;
+                    let gi = grow[i].d();
+                    let gh = gi * w[i].d();
+                    sg += gh;
+                    sgx += gh * xh[i];
+                    acc[i] += gi * xh[i];
+                    acc[d + i] += gi;
+                }
+                let (a, c) = (sg / d as f64, sgx / d as f64);
+                for i in 0..d {
+                    let gh = grow[i].d() * w[i].d();
+                    orow[i] = T::f(rstd * (gh - a - xh[i] * c));
+                }
+            }
+            acc
+        })
+        .collect::<Vec<_>>();
+    // Partial sums of fixed row blocks, added in block order: the same result whatever the
+    // threads did (rayon's own reduce would add in a scheduling-dependent order).
+    let mut total = vec![0f64; 2 * d];
+    for p in &partial {
+        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
+    for (o, v) in out[n..].iter_mut().zip(&total) {
+        *o = T::f(*v);
+    }
+    out
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        by_dtype!(s1, name, |T| {
+            let (x, w, g) = (
+                slice::<T>(s1, l1, name)?,
+                slice::<T>(s2, l2, name)?,
+                slice::<T>(s3, l3, name)?,
+            );
+            let out = layer_norm_bwd(x, w, g, self.eps);
+            let len = out.len();
+            Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
+        })
+    }
+}
+
+/// Fused layer norm of a CPU tensor over its last dimension (f32/f64).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })
+}
+
+// ------------------------------------------------------------------------------------------
+// Softmax over the last dimension
+// ------------------------------------------------------------------------------------------
+
+struct Softmax;
+
+fn softmax_fwd<T: Float>(x: &[T], d: usize) -> Vec<T> {
+    let mut out = vec![T::f(0.0); x.len()];
+    let per = d * rows_per_task(d);
+    out.par_chunks_mut(per)
+        .zip(x.par_chunks(per))
+        .for_each(|(o, xs)| {
+            for (orow, xrow) in o.chunks_mut(d).zip(xs.chunks(d)) {
+                let max = xrow.iter().map(|v| v.d()).fold(f64::NEG_INFINITY, f64::max);
+                let mut sum = 0.0;
+                for (oi, xi) in orow.iter_mut().zip(xrow) {
+                    let e = T::f(xi.d() - max).exp();
+                    sum += e.d();
+                    *oi = e;
+                }
+                let inv = 1.0 / sum;
+                orow.iter_mut().for_each(|v| *v = T::f(v.d() * inv));
+            }
+        });
+    out
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let d = l.shape().dims().last().copied().unwrap_or(1);
+        by_dtype!(s, name, |T| {
+            let out = softmax_fwd(slice::<T>(s, l, name)?, d);
+            Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
+        })
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?,
+        ))
+    }
+}
+
+/// dx = y (g - Σ g y) per row.
+struct SoftmaxBwd;
+
+fn softmax_bwd<T: Float>(y: &[T], g: &[T], d: usize) -> Vec<T> {
+    let mut out = vec![T::f(0.0); y.len()];
+    let per = d * rows_per_task(d);
+    out.par_chunks_mut(per)
+        .zip(y.par_chunks(per).zip(g.par_chunks(per)))
+        .for_each(|(o, (ys, gs))| {
+            for ((orow, yrow), grow) in o.chunks_mut(d).zip(ys.chunks(d)).zip(gs.chunks(d)) {
+                let s: f64 = yrow.iter().zip(grow).map(|(a, b)| a.d() * b.d()).sum();
+                for i in 0..d {
+                    orow[i] = T::f(yrow[i].d() * (grow[i].d() - s));
+                }
+            }
+        });
+    out
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "fused-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let d = l1.shape().dims().last().copied().unwrap_or(1);
+        by_dtype!(s1, name, |T| {
+            let out = softmax_bwd(slice::<T>(s1, l1, name)?, slice::<T>(s2, l2, name)?, d);
+            Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+        })
+    }
+}
+
+/// Fused softmax of a CPU tensor over its last dimension (f32/f64).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+// ------------------------------------------------------------------------------------------
+// Exact GELU
+// ------------------------------------------------------------------------------------------
+
+struct Gelu;
+
+const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+/// An elementwise map over chunks on every core.
+fn map1<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::f(0.0); x.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, xs)| o.iter_mut().zip(xs).for_each(|(oi, &xi)| *oi = f(xi)));
+    out
+}
+
+fn gelu<T: Float>(x: T) -> T {
+    let h = T::f(0.5);
+    h * x * (T::f(1.0) + (x * T::f(std::f64::consts::FRAC_1_SQRT_2)).erf())
+}
+
+/// d/dx of x Φ(x): Φ(x) + x φ(x).
+fn gelu_grad<T: Float>(x: T) -> T {
+    let xd = x.d();
+    let cdf = T::f(0.5) * (T::f(1.0) + (x * T::f(std::f64::consts::FRAC_1_SQRT_2)).erf());
+    let pdf = T::f(-0.5 * xd * xd).exp() * T::f(FRAC_1_SQRT_2PI);
+    cdf + x * pdf
+}
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "fused-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        by_dtype!(s, name, |T| {
+            let out = map1(slice::<T>(s, l, name)?, gelu::<T>);
+            Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
+        })
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            arg.contiguous()?
+                .apply_op2_no_bwd(&grad.contiguous()?, &GeluBwd)?,
+        ))
+    }
+}
+
+/// g · GELU'(x).
+struct GeluBwd;
+
+impl CustomOp2 for GeluBwd {
+    fn name(&self) -> &'static str {
+        "fused-gelu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        by_dtype!(s1, name, |T| {
+            let (x, g) = (slice::<T>(s1, l1, name)?, slice::<T>(s2, l2, name)?);
+            let mut out = vec![T::f(0.0); x.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                .for_each(|(o, (xs, gs))| {
+                    for ((oi, &xi), &gi) in o.iter_mut().zip(xs).zip(gs) {
+                        *oi = gi * gelu_grad(xi);
+                    }
+                });
+            Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+        })
+    }
+}
+
+/// Fused exact GELU of a CPU tensor (f32/f64).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::ops::primitive;
+    use super::*;
+    use candle_core::{DType, Device, Var, D};
+
+    fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, StandardNormal};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                let z: f64 = StandardNormal.sample(&mut rng);
+                2.0 * z
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+        let a = a
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let b = b
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let scale = a.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+            / scale
+    }
+
+    /// Value and the gradients of <f(x, w, b), r> w.r.t. x, w, b, for an op and its
+    /// primitive form, in f64 and f32 (the f32 tolerance allows its rounding).
+    fn compare(
+        name: &str,
+        fused: impl Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
+        reference: impl Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    ) {
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            // Row widths below and above a task's chunk; a transposed (strided) input.
+            for (k, dims) in [vec![3usize, 5, 7], vec![4, 33, 192], vec![2, 3, 700]]
+                .into_iter()
+                .enumerate()
+            {
+                let d = *dims.last().unwrap();
+                let x = Var::from_tensor(&randn(&dims, k as u64, dtype)).unwrap();
+                let w = Var::from_tensor(&randn(&[d], 10 + k as u64, dtype)).unwrap();
+                let b = Var::from_tensor(&randn(&[d], 20 + k as u64, dtype)).unwrap();
+                let r = randn(&dims, 30 + k as u64, dtype);
+                let (ya, yb) = (
+                    fused(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap(),
+                    reference(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap(),
+                );
+                assert!(max_rel(&yb, &ya) < tol, "{name} {dtype:?} {dims:?}: value");
+                let ga = (&ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let gb = (&yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                for (what, v) in [("x", &x), ("w", &w), ("b", &b)] {
+                    match (ga.get(v.as_tensor()), gb.get(v.as_tensor())) {
+                        (Some(a), Some(b)) => {
+                            let e = max_rel(b, a);
+                            assert!(e < tol, "{name} {dtype:?} {dims:?}: d{what} off by {e:e}")
+                        }
+                        (None, None) => {}
+                        _ => panic!("{name} {dtype:?}: d{what} present on one side only"),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_and_its_gradients_match_the_primitive_form() {
+        compare(
+            "layer norm",
+            |x, w, b| layer_norm(x, w, b, 1e-6),
+            |x, w, b| primitive::layer_norm(x, w, b, 1e-6),
+        );
+    }
+
+    #[test]
+    fn softmax_and_its_gradient_match_the_primitive_form() {
+        compare(
+            "softmax",
+            |x, _, _| softmax_last_dim(x),
+            |x, _, _| primitive::softmax_last_dim(x),
+        );
+        // Rows sum to one, and a transposed input is taken as its values.
+        let x = randn(&[6, 9], 1, DType::F64).t().unwrap();
+        let y = softmax_last_dim(&x).unwrap();
+        let sums = y.sum(D::Minus1).unwrap().to_vec1::<f64>().unwrap();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-14));
+        assert!(max_rel(&primitive::softmax_last_dim(&x).unwrap(), &y) < 1e-15);
+    }
+
+    #[test]
+    fn gelu_and_its_gradient_match_the_erf_formula() {
+        // The reference is 0.5 x (1 + erf(x / sqrt 2)) from primitive ops, not candle's
+        // gelu_erf, whose backward has 6-digit constants.
+        compare(
+            "gelu",
+            |x, _, _| gelu_erf(x),
+            |x, _, _| {
+                let e = (x / std::f64::consts::SQRT_2)?.erf()?;
+                (x * 0.5)? * (e + 1.0)?
+            },
+        );
+        let x = Tensor::new(&[0.0f64, 1.0, -2.0], &Device::Cpu).unwrap();
+        let y = gelu_erf(&x).unwrap().to_vec1::<f64>().unwrap();
+        // Φ(1) = 0.841344746068543, Φ(-2) = 0.0227501319481792 (tables).
+        assert_eq!(y[0], 0.0);
+        assert!((y[1] - 0.841344746068543).abs() < 1e-15);
+        assert!((y[2] + 2.0 * 0.0227501319481792).abs() < 1e-15);
+    }
+
+    #[test]
+    fn the_second_order_thread_uses_the_primitive_forms() {
+        // d²/dx² of Σ gelu(x) by double backward: exact only through the primitive form,
+        // which ops::gelu picks on a thread marked second-order.
+        let got = crate::analysis::hvp::with_second_order(|| {
+            let x = Var::new(&[0.7f64, -1.3], &Device::Cpu)?;
+            let y = super::super::ops::gelu(x.as_tensor())?.sum_all()?;
+            let g = y.backward()?;
+            let dx = g.get(x.as_tensor()).unwrap().clone();
+            let h = dx.sum_all()?.backward()?;
+            Ok(h.get(x.as_tensor()).unwrap().to_vec1::<f64>()?)
+        })
+        .unwrap();
+        // GELU'' = φ(x) (2 - x²).
+        for (x, g) in [0.7f64, -1.3].iter().zip(&got) {
+            let phi = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            assert!((g - phi * (2.0 - x * x)).abs() < 1e-6, "{x}: {g}");
+        }
+    }
+}
