@@ -8,7 +8,11 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{backprop::GradStore, Result, Tensor, Var};
+use candle_core::{
+    backprop::GradStore, bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor,
+    Var,
+};
+use rayon::prelude::*;
 
 /// The parameters excluded from weight decay, as a printed rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +104,9 @@ impl AdamW {
 
     /// One update at learning rate `lr`. A parameter without a gradient is left alone (as
     /// torch does for `grad is None`).
+    ///
+    /// On the CPU the parameters and moments are updated in place, one pass per tensor and no
+    /// allocation (but for a gradient that arrives strided); elsewhere with tensor ops.
     pub fn apply(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
@@ -109,6 +116,40 @@ impl AdamW {
             let Some(g) = grads.get(s.var.as_tensor()) else {
                 continue;
             };
+            let p = s.var.as_tensor();
+            if p.device().is_cpu() && matches!(p.dtype(), DType::F32 | DType::F64) {
+                let g = g.contiguous()?;
+                s.m.inplace_op2(
+                    &g,
+                    &Moment {
+                        beta: self.beta1,
+                        square: false,
+                    },
+                )?;
+                s.v.inplace_op2(
+                    &g,
+                    &Moment {
+                        beta: self.beta2,
+                        square: true,
+                    },
+                )?;
+                let decay = if s.decay && self.weight_decay != 0.0 {
+                    1.0 - lr * self.weight_decay
+                } else {
+                    1.0
+                };
+                p.inplace_op3(
+                    &s.m,
+                    &s.v,
+                    &Update {
+                        decay,
+                        rate: lr / bc1,
+                        bc2_sqrt: bc2.sqrt(),
+                        eps: self.eps,
+                    },
+                )?;
+                continue;
+            }
             let mut p = s.var.as_tensor().detach();
             if s.decay && self.weight_decay != 0.0 {
                 p = (p * (1.0 - lr * self.weight_decay))?;
@@ -151,10 +192,242 @@ impl AdamW {
                         slot.dims()
                     ));
                 }
-                *slot = t.clone();
+                // A copy: the moments are updated in place, so they must own their storage.
+                *slot = t
+                    .copy()
+                    .map_err(|e| format!("optimiser state `{name}`: {e}"))?;
             }
         }
         self.step = step;
         Ok(())
+    }
+}
+
+/// Elements per parallel chunk of the in-place updates.
+const CHUNK: usize = 1 << 15;
+
+/// The contiguous range of a layout.
+fn range(l: &Layout) -> Result<std::ops::Range<usize>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(a..b),
+        None => bail!("adamw: expects contiguous tensors"),
+    }
+}
+
+/// m <- beta m + (1 - beta) g, or with g² for the second moment; in place.
+struct Moment {
+    beta: f64,
+    square: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<()> {
+        let (dr, gr) = (range(dl)?, range(gl)?);
+        let square = self.square;
+        macro_rules! run {
+            ($t:ty, $m:expr, $g:expr) => {{
+                let (b, c) = (self.beta as $t, (1.0 - self.beta) as $t);
+                $m[dr]
+                    .par_chunks_mut(CHUNK)
+                    .zip($g[gr].par_chunks(CHUNK))
+                    .for_each(|(m, g)| {
+                        for (mi, &gi) in m.iter_mut().zip(g) {
+                            let x = if square { gi * gi } else { gi };
+                            *mi = *mi * b + x * c;
+                        }
+                    })
+            }};
+        }
+        match (dst, g) {
+            (CpuStorage::F32(m), CpuStorage::F32(g)) => run!(f32, m, g),
+            (CpuStorage::F64(m), CpuStorage::F64(g)) => run!(f64, m, g),
+            _ => bail!("adamw: f32 or f64 tensors of one dtype only"),
+        }
+        Ok(())
+    }
+}
+
+/// p <- p decay - rate m / (sqrt(v) / bc2_sqrt + eps), in place: torch's AdamW with decay =
+/// 1 - lr wd, rate = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t).
+struct Update {
+    decay: f64,
+    rate: f64,
+    bc2_sqrt: f64,
+    eps: f64,
+}
+
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        m: &CpuStorage,
+        ml: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<()> {
+        let (pr, mr, vr) = (range(dl)?, range(ml)?, range(vl)?);
+        macro_rules! run {
+            ($t:ty, $p:expr, $m:expr, $v:expr) => {{
+                let (decay, rate, bc2, eps) = (
+                    self.decay as $t,
+                    self.rate as $t,
+                    self.bc2_sqrt as $t,
+                    self.eps as $t,
+                );
+                $p[pr]
+                    .par_chunks_mut(CHUNK)
+                    .zip($m[mr].par_chunks(CHUNK).zip($v[vr].par_chunks(CHUNK)))
+                    .for_each(|(p, (m, v))| {
+                        for ((pi, &mi), &vi) in p.iter_mut().zip(m).zip(v) {
+                            *pi = *pi * decay - mi / (vi.sqrt() / bc2 + eps) * rate;
+                        }
+                    })
+            }};
+        }
+        match (dst, m, v) {
+            (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v)) => run!(f32, p, m, v),
+            (CpuStorage::F64(p), CpuStorage::F64(m), CpuStorage::F64(v)) => run!(f64, p, m, v),
+            _ => bail!("adamw: f32 or f64 tensors of one dtype only"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// torch.optim.AdamW's update, restated for one scalar parameter in f64.
+    fn torch_adamw(p: &mut f64, m: &mut f64, v: &mut f64, g: f64, t: i32, lr: f64, wd: f64) {
+        let (b1, b2, eps) = (0.9f64, 0.95f64, 1e-8);
+        *p *= 1.0 - lr * wd;
+        *m = b1 * *m + (1.0 - b1) * g;
+        *v = b2 * *v + (1.0 - b2) * g * g;
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2 = 1.0 - b2.powi(t);
+        *p -= lr / bc1 * *m / (v.sqrt() / bc2.sqrt() + eps);
+    }
+
+    #[test]
+    fn in_place_updates_follow_torch_for_decayed_and_undecayed_tensors() {
+        for dtype in [DType::F64, DType::F32] {
+            let w0 = [0.5f64, -1.25, 2.0, 0.0, 3.5, -0.75];
+            let b0 = [0.1f64, -0.2];
+            let mut params = BTreeMap::new();
+            params.insert(
+                "blk.weight".to_string(),
+                Var::from_tensor(
+                    &Tensor::new(&w0, &Device::Cpu)
+                        .unwrap()
+                        .reshape((2, 3))
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap(),
+                )
+                .unwrap(),
+            );
+            params.insert(
+                "blk.bias".to_string(),
+                Var::from_tensor(
+                    &Tensor::new(&b0, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap(),
+                )
+                .unwrap(),
+            );
+            let mut opt = AdamW::new(
+                &params,
+                0.05,
+                DecayRule {
+                    decay_fusion_weights: true,
+                },
+            )
+            .unwrap();
+            let mut expect: Vec<(f64, f64, f64)> =
+                w0.iter().chain(&b0).map(|&p| (p, 0.0, 0.0)).collect();
+            for t in 1..=3 {
+                let lr = 0.1 / t as f64;
+                // loss = sum(c * p²) with per-element c (a transposed view for the weight):
+                // gradients 2 c p.
+                let c: Vec<f64> = (0..8).map(|i| 0.3 + 0.2 * i as f64).collect();
+                let w = params["blk.weight"].as_tensor();
+                let b = params["blk.bias"].as_tensor();
+                let cw = Tensor::new(&c[..6], &Device::Cpu)
+                    .unwrap()
+                    .reshape((3, 2))
+                    .unwrap()
+                    .t()
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let cb = Tensor::new(&c[6..], &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let loss = ((w.sqr().unwrap() * &cw).unwrap().sum_all().unwrap()
+                    + (b.sqr().unwrap() * &cb).unwrap().sum_all().unwrap())
+                .unwrap();
+                let grads = loss.backward().unwrap();
+                let cs: Vec<f64> = cw
+                    .flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for (i, e) in expect.iter_mut().enumerate() {
+                    let (ci, wd) = if i < 6 { (cs[i], 0.05) } else { (c[i], 0.0) };
+                    let g = 2.0 * ci * e.0;
+                    torch_adamw(&mut e.0, &mut e.1, &mut e.2, g, t, lr, wd);
+                }
+                opt.apply(&grads, lr).unwrap();
+            }
+            let got: Vec<f64> = ["blk.weight", "blk.bias"]
+                .iter()
+                .flat_map(|n| {
+                    params[*n]
+                        .as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap()
+                })
+                .collect();
+            let tol = if dtype == DType::F64 { 1e-13 } else { 1e-6 };
+            for (i, (g, e)) in got.iter().zip(&expect).enumerate() {
+                assert!(
+                    (g - e.0).abs() < tol,
+                    "{dtype:?} element {i}: {g} vs {}",
+                    e.0
+                );
+            }
+            // The saved moments are torch's exp_avg / exp_avg_sq.
+            let st = opt.state_tensors();
+            let m: Vec<f64> = st["exp_avg.blk.bias"]
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!((m[1] - expect[7].1).abs() < tol);
+        }
     }
 }
