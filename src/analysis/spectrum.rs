@@ -8,6 +8,7 @@
 //! m = 0..h/2-1 minus its first element (the DC value): the relative log amplitude
 //! Delta log amplitude at frequency m*2*pi/h. Pure functions on slices; no tensors.
 
+use rayon::prelude::*;
 use rustfft::num_complex::Complex;
 use rustfft::FftPlanner;
 
@@ -39,6 +40,9 @@ impl Accumulator {
 
     /// Adds the `batch * channels` maps of `tokens`, a (batch, h*w, channels) row-major array:
     /// the map of (b, c) is `tokens[b, :, c]` read row-major as (h, w).
+    ///
+    /// Samples are transformed in parallel, in fixed groups whose partial sums are added in
+    /// group order, so the result does not depend on the threads.
     pub fn add(&mut self, tokens: &[f32], batch: usize, channels: usize) {
         let (h, w) = (self.h, self.w);
         let n = h * w;
@@ -49,37 +53,54 @@ impl Accumulator {
         );
         let mut planner = FftPlanner::<f64>::new();
         let (row_fft, col_fft) = (planner.plan_fft_forward(w), planner.plan_fft_forward(h));
-        // One sample at a time: C maps laid out (C, h, w), then (C, w, h) for the columns.
-        let mut maps = vec![Complex::new(0.0, 0.0); channels * n];
-        let mut cols = vec![Complex::new(0.0, 0.0); channels * n];
-        let mut scratch = vec![
-            Complex::new(0.0, 0.0);
-            row_fft
-                .get_inplace_scratch_len()
-                .max(col_fft.get_inplace_scratch_len())
-        ];
-        for sample in tokens.chunks_exact(n * channels) {
-            for (t, token) in sample.chunks_exact(channels).enumerate() {
-                for (c, &v) in token.iter().enumerate() {
-                    maps[c * n + t] = Complex::new(v as f64, 0.0);
-                }
-            }
-            row_fft.process_with_scratch(&mut maps, &mut scratch); // every row of every map
-            for c in 0..channels {
-                for i in 0..h {
-                    for j in 0..w {
-                        cols[c * n + j * h + i] = maps[c * n + i * w + j];
+        // About 64k map entries per group.
+        let per_group = ((1 << 16) / (n * channels).max(1)).max(1);
+        let partials: Vec<Vec<f64>> = tokens
+            .par_chunks(per_group * n * channels)
+            .map(|group| {
+                let mut sum = vec![0.0; n];
+                // One sample at a time: C maps laid out (C, h, w), then (C, w, h) for the
+                // columns.
+                let mut maps = vec![Complex::new(0.0, 0.0); channels * n];
+                let mut cols = vec![Complex::new(0.0, 0.0); channels * n];
+                let mut scratch = vec![
+                    Complex::new(0.0, 0.0);
+                    row_fft
+                        .get_inplace_scratch_len()
+                        .max(col_fft.get_inplace_scratch_len())
+                ];
+                for sample in group.chunks_exact(n * channels) {
+                    for (t, token) in sample.chunks_exact(channels).enumerate() {
+                        for (c, &v) in token.iter().enumerate() {
+                            maps[c * n + t] = Complex::new(v as f64, 0.0);
+                        }
+                    }
+                    row_fft.process_with_scratch(&mut maps, &mut scratch); // every row
+                    for c in 0..channels {
+                        for i in 0..h {
+                            for j in 0..w {
+                                cols[c * n + j * h + i] = maps[c * n + i * w + j];
+                            }
+                        }
+                    }
+                    col_fft.process_with_scratch(&mut cols, &mut scratch); // every column
+                    for map in cols.chunks_exact(n) {
+                        for j in 0..w {
+                            for i in 0..h {
+                                // |F| as sqrt(re² + im²): Complex::norm's hypot is
+                                // careful about overflow, which these values never reach,
+                                // and several times slower.
+                                let f = map[j * h + i];
+                                sum[i * w + j] += ((f.re * f.re + f.im * f.im).sqrt() + EPS).ln();
+                            }
+                        }
                     }
                 }
-            }
-            col_fft.process_with_scratch(&mut cols, &mut scratch); // every column
-            for map in cols.chunks_exact(n) {
-                for j in 0..w {
-                    for i in 0..h {
-                        self.sum[i * w + j] += (map[j * h + i].norm() + EPS).ln();
-                    }
-                }
-            }
+                sum
+            })
+            .collect();
+        for p in &partials {
+            self.sum.iter_mut().zip(p).for_each(|(s, v)| *s += v);
         }
         self.count += batch * channels;
     }
