@@ -1,5 +1,7 @@
 //! Fused CPU kernels, with fused backward kernels, for the elementwise work of a ViT: layer norm
-//! over the last dimension, softmax over the last dimension, and exact (erf) GELU.
+//! over the last dimension, softmax over the last dimension, exact (erf) GELU, and the
+//! attention core (scores, softmax and the weighted sum per head, read from and written to
+//! the projections' layouts without permuted copies).
 //!
 //! Built from candle's primitive ops, a layer norm is 8 kernels forward and about 20 backward,
 //! each allocating a tensor and streaming memory: on the CPU those and their page faults, not
@@ -577,6 +579,50 @@ mod tests {
         assert!((y[2] + 2.0 * 0.0227501319481792).abs() < 1e-15);
     }
 
+    /// The attention core from primitive ops, as `vit::Attention` computes it off the fused
+    /// path: (B, N, 3D) qkv -> (B, nq, D).
+    fn attention_reference(qkv: &Tensor, h: usize, nq: usize) -> candle_core::Result<Tensor> {
+        let (b, n, r) = qkv.dims3()?;
+        let (dim, d) = (r / 3, r / 3 / h);
+        let t = qkv.reshape((b, n, 3, h, d))?.permute((2, 0, 3, 1, 4))?;
+        let q = t.get(0)?.narrow(2, n - nq, nq)?.contiguous()?;
+        let (k, v) = (t.get(1)?.contiguous()?, t.get(2)?.contiguous()?);
+        let s = (q * (d as f64).powf(-0.5))?.matmul(&k.t()?)?;
+        primitive::softmax_last_dim(&s)?
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, nq, dim))
+    }
+
+    #[test]
+    fn attention_and_its_gradient_match_the_primitive_form() {
+        // Self-attention (nq = n) and attention fusion's last-layer queries (nq < n); head
+        // widths below and above gemm's blocking.
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            for (k, (b, n, h, d, nq)) in [(2, 5, 2, 3, 5), (3, 17, 3, 64, 17), (2, 12, 2, 8, 4)]
+                .into_iter()
+                .enumerate()
+            {
+                let qkv =
+                    Var::from_tensor(&randn(&[b, n, 3 * h * d], 40 + k as u64, dtype)).unwrap();
+                let r = randn(&[b, nq, h * d], 50 + k as u64, dtype);
+                let scale = (d as f64).powf(-0.5);
+                let ya = attention(qkv.as_tensor(), h, nq, scale).unwrap();
+                let yb = attention_reference(qkv.as_tensor(), h, nq).unwrap();
+                assert_eq!(ya.dims(), yb.dims());
+                assert!(max_rel(&yb, &ya) < tol, "{dtype:?} case {k}: value");
+                let ga = (&ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let gb = (&yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let (ga, gb) = (
+                    ga.get(qkv.as_tensor()).unwrap(),
+                    gb.get(qkv.as_tensor()).unwrap(),
+                );
+                let e = max_rel(gb, ga);
+                assert!(e < tol, "{dtype:?} case {k}: dqkv off by {e:e}");
+            }
+        }
+    }
+
     #[test]
     fn the_second_order_thread_uses_the_primitive_forms() {
         // d²/dx² of Σ gelu(x) by double backward: exact only through the primitive form,
@@ -596,4 +642,281 @@ mod tests {
             assert!((g - phi * (2.0 - x * x)).abs() < 1e-6, "{x}: {g}");
         }
     }
+}
+
+// ------------------------------------------------------------------------------------------
+// Attention core
+// ------------------------------------------------------------------------------------------
+
+/// softmax(scale · Q Kᵀ) V for every (image, head), read straight from the fused qkv
+/// projection (B, N, 3D) (q | k | v, heads contiguous within each) and written straight into
+/// (B, Nq, D), heads concatenated: no permuted copies. Only the last `n_query` tokens ask.
+/// Each (image, head) is one task: two single-threaded gemm calls and a row softmax.
+struct Attention {
+    heads: usize,
+    n_query: usize,
+    scale: f64,
+}
+
+/// Raw pointers shared by the tasks, which write disjoint (image, head) blocks.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+
+/// dst (m x n) = beta · lhs (m x k) · rhs (k x n), each given by (pointer, row stride, column
+/// stride), on the calling thread.
+///
+/// # Safety
+/// The pointers must cover the strided matrices, and dst must not alias the inputs.
+unsafe fn mm<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut T, usize, usize),
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+    beta: f64,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.2 as isize,
+        dst.1 as isize,
+        false,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        T::f(0.0),
+        T::f(beta),
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// The attention probabilities of one (image, head): P (nq x n) = softmax(scale · Q Kᵀ).
+///
+/// # Safety
+/// `q` and `k` point into a qkv buffer of row stride `r`.
+unsafe fn probabilities<T: Float>(
+    q: *const T,
+    k: *const T,
+    r: usize,
+    (nq, n, d): (usize, usize, usize),
+    scale: f64,
+    p: &mut [T],
+) {
+    mm(
+        (nq, n, d),
+        (p.as_mut_ptr(), n, 1),
+        (q, r, 1),
+        (k, 1, r),
+        scale,
+    );
+    for row in p.chunks_mut(n) {
+        let max = row.iter().map(|v| v.d()).fold(f64::NEG_INFINITY, f64::max);
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            *v = T::f(v.d() - max).exp();
+            sum += v.d();
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v = T::f(v.d() * inv));
+    }
+}
+
+impl Attention {
+    /// (B, N, D, d, R = 3D) of a qkv layout.
+    fn dims(&self, l: &Layout) -> Result<(usize, usize, usize, usize, usize)> {
+        let (b, n, r) = l.shape().dims3()?;
+        let dim = r / 3;
+        if r % 3 != 0 || dim % self.heads != 0 || self.n_query == 0 || self.n_query > n {
+            bail!(
+                "fused attention: qkv {:?} does not fit {} heads",
+                l.dims(),
+                self.heads
+            );
+        }
+        Ok((b, n, dim, dim / self.heads, r))
+    }
+
+    fn fwd<T: Float>(
+        &self,
+        qkv: &[T],
+        (b, n, dim, d, r): (usize, usize, usize, usize, usize),
+    ) -> Vec<T> {
+        let (h, nq) = (self.heads, self.n_query);
+        let mut out = vec![T::f(0.0); b * nq * dim];
+        let (src, dst) = (Shared(qkv.as_ptr() as *mut T), Shared(out.as_mut_ptr()));
+        (0..b * h).into_par_iter().for_each_init(
+            || vec![T::f(0.0); nq * n],
+            |p, task| {
+                let (bi, hi) = (task / h, task % h);
+                // SAFETY: every pointer stays inside image bi's rows of qkv and out, and the
+                // task writes only its head's columns of out.
+                unsafe {
+                    let base = (src.ptr() as *const T).add(bi * n * r + hi * d);
+                    let q = base.add((n - nq) * r);
+                    probabilities(q, base.add(dim), r, (nq, n, d), self.scale, p);
+                    let o = dst.ptr().add(bi * nq * dim + hi * d);
+                    mm(
+                        (nq, d, n),
+                        (o, dim, 1),
+                        (p.as_ptr(), n, 1),
+                        (base.add(2 * dim), r, 1),
+                        1.0,
+                    );
+                }
+            },
+        );
+        out
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let dims = self.dims(l)?;
+        by_dtype!(s, name, |T| {
+            let out = self.fwd(slice::<T>(s, l, name)?, dims);
+            Ok((
+                T::to_cpu_storage_owned(out),
+                Shape::from((dims.0, self.n_query, dims.2)),
+            ))
+        })
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = AttentionBwd {
+            heads: self.heads,
+            n_query: self.n_query,
+            scale: self.scale,
+        };
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+/// Gradient of [`Attention`] with respect to qkv, P recomputed: dV = Pᵀ dO, dP = dO Vᵀ,
+/// dS = P (dP - rowsum(dP P)), dQ = scale dS K, dK = scale dSᵀ Q.
+struct AttentionBwd {
+    heads: usize,
+    n_query: usize,
+    scale: f64,
+}
+
+impl CustomOp2 for AttentionBwd {
+    fn name(&self) -> &'static str {
+        "fused-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let fwd = Attention {
+            heads: self.heads,
+            n_query: self.n_query,
+            scale: self.scale,
+        };
+        let (b, n, dim, d, r) = fwd.dims(l1)?;
+        let (h, nq, scale) = (self.heads, self.n_query, self.scale);
+        by_dtype!(s1, name, |T| {
+            let (qkv, g) = (slice::<T>(s1, l1, name)?, slice::<T>(s2, l2, name)?);
+            if g.len() != b * nq * dim {
+                bail!("{name}: gradient of {} values for {b}x{nq}x{dim}", g.len());
+            }
+            let mut out = vec![T::f(0.0); qkv.len()];
+            let (src, gp, dst) = (
+                Shared(qkv.as_ptr() as *mut T),
+                Shared(g.as_ptr() as *mut T),
+                Shared(out.as_mut_ptr()),
+            );
+            (0..b * h).into_par_iter().for_each_init(
+                || (vec![T::f(0.0); nq * n], vec![T::f(0.0); nq * n]),
+                |(p, dp), task| {
+                    let (bi, hi) = (task / h, task % h);
+                    // SAFETY: as in the forward; the task writes only its head's columns of
+                    // image bi's rows of out (q, k and v thirds).
+                    unsafe {
+                        let base = (src.ptr() as *const T).add(bi * n * r + hi * d);
+                        let (q, k, v) = (base.add((n - nq) * r), base.add(dim), base.add(2 * dim));
+                        let go = (gp.ptr() as *const T).add(bi * nq * dim + hi * d);
+                        let obase = dst.ptr().add(bi * n * r + hi * d);
+                        probabilities(q, k, r, (nq, n, d), scale, p);
+                        // dV (n x d) = Pᵀ dO.
+                        mm(
+                            (n, d, nq),
+                            (obase.add(2 * dim), r, 1),
+                            (p.as_ptr(), 1, n),
+                            (go, dim, 1),
+                            1.0,
+                        );
+                        // dP (nq x n) = dO Vᵀ, then dS in place.
+                        mm(
+                            (nq, n, d),
+                            (dp.as_mut_ptr(), n, 1),
+                            (go, dim, 1),
+                            (v, 1, r),
+                            1.0,
+                        );
+                        for (prow, dprow) in p.chunks(n).zip(dp.chunks_mut(n)) {
+                            let c: f64 = prow
+                                .iter()
+                                .zip(dprow.iter())
+                                .map(|(a, b)| a.d() * b.d())
+                                .sum();
+                            for (pi, di) in prow.iter().zip(dprow.iter_mut()) {
+                                *di = T::f(pi.d() * (di.d() - c));
+                            }
+                        }
+                        // dQ (nq x d) = scale dS K; dK (n x d) = scale dSᵀ Q.
+                        mm(
+                            (nq, d, n),
+                            (obase.add((n - nq) * r), r, 1),
+                            (dp.as_ptr(), n, 1),
+                            (k, r, 1),
+                            scale,
+                        );
+                        mm(
+                            (n, d, nq),
+                            (obase.add(dim), r, 1),
+                            (dp.as_ptr(), 1, n),
+                            (q, r, 1),
+                            scale,
+                        );
+                    }
+                },
+            );
+            Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+        })
+    }
+}
+
+/// Fused attention core of a CPU (B, N, 3D) qkv tensor: (B, n_query, D).
+pub fn attention(qkv: &Tensor, heads: usize, n_query: usize, scale: f64) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(Attention {
+        heads,
+        n_query,
+        scale,
+    })
 }

@@ -23,6 +23,10 @@ pub fn set_second_order(on: bool) {
 }
 
 /// Whether the fused CPU kernels apply to `x` on this thread.
+pub fn fused_here(x: &Tensor) -> bool {
+    fused(x)
+}
+
 fn fused(x: &Tensor) -> bool {
     x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)

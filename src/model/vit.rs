@@ -108,11 +108,13 @@ impl Attention {
         let (b, n, dim) = x.dims3()?;
         let h = self.num_heads;
         let hd = dim / h;
-        let qkv = self
-            .qkv
-            .forward(x)? // B N 3D
-            .reshape((b, n, 3, h, hd))?
-            .permute((2, 0, 3, 1, 4))?; // 3 B H N d
+        let qkv = self.qkv.forward(x)?; // B N 3D
+        if self.mm.is_none() && ops::fused_here(&qkv) {
+            // One kernel per (image, head), reading q, k, v in place.
+            let y = super::fused::attention(&qkv, h, n_query, (hd as f64).powf(-0.5))?;
+            return self.proj.forward(&y);
+        }
+        let qkv = qkv.reshape((b, n, 3, h, hd))?.permute((2, 0, 3, 1, 4))?; // 3 B H N d
         let q = qkv.get(0)?.narrow(2, n - n_query, n_query)?.contiguous()?; // B H Nq d
         let k = qkv.get(1)?.contiguous()?; // B H N d
         let v = qkv.get(2)?.contiguous()?; // B H N d
