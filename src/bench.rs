@@ -21,7 +21,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::analysis::hessian::{top_eigen, PowerSettings};
 use crate::analysis::hvp::{with_second_order, Objective};
-use crate::analysis::spectrum::Accumulator;
+use crate::analysis::spectrum::delta_log_amplitude;
 use crate::config::TrainPrecision;
 use crate::config::{default_fuse_layers, Fusion, ModelConfig, ModelKind, Preset, Projection};
 use crate::data::Augment;
@@ -260,9 +260,7 @@ pub fn run(s: &BenchSettings, device: &Device) -> Result<Vec<String>> {
             for layer in &trace.layers {
                 let t = layer.narrow(1, 1, g * g)?;
                 let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let mut acc = Accumulator::new(g, g);
-                acc.add(&data, s.batch, cfg.embed_dim);
-                acc.finish().delta_diagonal();
+                delta_log_amplitude(&data, s.batch, g, g);
             }
             Ok(())
         })?;

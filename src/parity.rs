@@ -122,18 +122,32 @@ pub struct Report {
     pub failures: Vec<String>,
 }
 
-/// The model as `args` asks, on `device`, f32 parameters.
-fn load(args: &ParityArgs, device: &Device) -> Result<(Mae, ParamStore)> {
+/// The model as `args` asks, on the CPU, f32 parameters.
+fn load(args: &ParityArgs) -> Result<(Mae, ParamStore)> {
     match &args.checkpoint {
         Some(path) => {
-            let l = crate::checkpoint::load_model(path, DType::F32, device)?;
+            let l = crate::checkpoint::load_model(path, DType::F32, &Device::Cpu)?;
             Ok((l.model, l.store))
         }
         None => {
             let cfg = crate::bench::bench_config(args.model.model, args.model.preset);
-            Ok(Mae::init(&cfg, args.seed, DType::F32, device)?)
+            Ok(Mae::init(&cfg, args.seed, DType::F32, &Device::Cpu)?)
         }
     }
+}
+
+/// A copy of the CPU model's parameters on `device` (the file is read once).
+fn to_device(model: &Mae, store: &ParamStore, device: &Device) -> Result<(Mae, ParamStore)> {
+    let tensors = store
+        .tensors()
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(device)?)))
+        .collect::<Result<_>>()?;
+    let store = ParamStore::from_tensors(tensors)?;
+    Ok((
+        Mae::from_store(&model.cfg, &store, DType::F32, device)?,
+        store,
+    ))
 }
 
 /// Runs both sides and compares them.
@@ -141,8 +155,8 @@ pub fn compare(args: &ParityArgs, device: &Device) -> Result<Report> {
     if args.batch_size == 0 {
         bail!("--batch-size must be positive");
     }
-    let (reference, ref_store) = load(args, &Device::Cpu)?;
-    let (mut target, target_store) = load(args, device)?;
+    let (reference, ref_store) = load(args)?;
+    let (mut target, target_store) = to_device(&reference, &ref_store, device)?;
     target.set_matmul_dtype(args.precision.matmul_dtype());
     let cfg = reference.cfg.clone();
     let dataset = crate::train::open_dataset(args.data.as_deref())?;

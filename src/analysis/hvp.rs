@@ -333,12 +333,9 @@ fn second_derivative_probe() -> Result<f64> {
 /// Held while the variable is set, so no two callers interleave their set and restore.
 static ENV: Mutex<()> = Mutex::new(());
 
-thread_local! {
-    static SECOND_ORDER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
+/// Set only on the thread [`with_second_order`] starts, after its probe passed.
 fn second_order_enabled() -> bool {
-    SECOND_ORDER.with(|c| c.get())
+    crate::model::ops::second_order()
 }
 
 /// Runs `f` on a fresh thread whose backward passes keep their graphs, so double backward gives
@@ -364,8 +361,8 @@ pub fn with_second_order<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Resul
                      use --hvp fd"
                 );
             }
-            SECOND_ORDER.with(|c| c.set(true));
-            // The fused kernels' backward passes are not differentiable: primitive ops here.
+            // Also makes the model use its primitive-op forms here: the fused kernels'
+            // backward passes are not differentiable.
             crate::model::ops::set_second_order(true);
             f()
         });

@@ -276,24 +276,30 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 
 struct Softmax;
 
+/// Softmax of one row, in place (max subtracted, sums in f64).
+fn softmax_row<T: Float>(row: &mut [T]) {
+    let max = row.iter().map(|v| v.d()).fold(f64::NEG_INFINITY, f64::max);
+    let mut sum = 0.0;
+    for v in row.iter_mut() {
+        *v = T::f(v.d() - max).exp();
+        sum += v.d();
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v = T::f(v.d() * inv));
+}
+
+/// The softmax gradient of one row, in place: g <- y (g - Σ g y).
+fn softmax_row_bwd<T: Float>(y: &[T], g: &mut [T]) {
+    let s: f64 = y.iter().zip(g.iter()).map(|(a, b)| a.d() * b.d()).sum();
+    for (gi, yi) in g.iter_mut().zip(y) {
+        *gi = T::f(yi.d() * (gi.d() - s));
+    }
+}
+
 fn softmax_fwd<T: Float>(x: &[T], d: usize) -> Vec<T> {
-    let mut out = vec![T::f(0.0); x.len()];
-    let per = d * rows_per_task(d);
-    out.par_chunks_mut(per)
-        .zip(x.par_chunks(per))
-        .for_each(|(o, xs)| {
-            for (orow, xrow) in o.chunks_mut(d).zip(xs.chunks(d)) {
-                let max = xrow.iter().map(|v| v.d()).fold(f64::NEG_INFINITY, f64::max);
-                let mut sum = 0.0;
-                for (oi, xi) in orow.iter_mut().zip(xrow) {
-                    let e = T::f(xi.d() - max).exp();
-                    sum += e.d();
-                    *oi = e;
-                }
-                let inv = 1.0 / sum;
-                orow.iter_mut().for_each(|v| *v = T::f(v.d() * inv));
-            }
-        });
+    let mut out = x.to_vec();
+    out.par_chunks_mut(d * rows_per_task(d))
+        .for_each(|o| o.chunks_mut(d).for_each(softmax_row));
     out
 }
 
@@ -322,16 +328,13 @@ impl CustomOp1 for Softmax {
 struct SoftmaxBwd;
 
 fn softmax_bwd<T: Float>(y: &[T], g: &[T], d: usize) -> Vec<T> {
-    let mut out = vec![T::f(0.0); y.len()];
+    let mut out = g.to_vec();
     let per = d * rows_per_task(d);
     out.par_chunks_mut(per)
-        .zip(y.par_chunks(per).zip(g.par_chunks(per)))
-        .for_each(|(o, (ys, gs))| {
-            for ((orow, yrow), grow) in o.chunks_mut(d).zip(ys.chunks(d)).zip(gs.chunks(d)) {
-                let s: f64 = yrow.iter().zip(grow).map(|(a, b)| a.d() * b.d()).sum();
-                for i in 0..d {
-                    orow[i] = T::f(yrow[i].d() * (grow[i].d() - s));
-                }
+        .zip(y.par_chunks(per))
+        .for_each(|(o, ys)| {
+            for (orow, yrow) in o.chunks_mut(d).zip(ys.chunks(d)) {
+                softmax_row_bwd(yrow, orow);
             }
         });
     out
@@ -652,6 +655,7 @@ mod tests {
 /// projection (B, N, 3D) (q | k | v, heads contiguous within each) and written straight into
 /// (B, Nq, D), heads concatenated: no permuted copies. Only the last `n_query` tokens ask.
 /// Each (image, head) is one task: two single-threaded gemm calls and a row softmax.
+#[derive(Clone, Copy)]
 struct Attention {
     heads: usize,
     n_query: usize,
@@ -725,16 +729,7 @@ unsafe fn probabilities<T: Float>(
         (k, 1, r),
         scale,
     );
-    for row in p.chunks_mut(n) {
-        let max = row.iter().map(|v| v.d()).fold(f64::NEG_INFINITY, f64::max);
-        let mut sum = 0.0;
-        for v in row.iter_mut() {
-            *v = T::f(v.d() - max).exp();
-            sum += v.d();
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|v| *v = T::f(v.d() * inv));
-    }
+    p.chunks_mut(n).for_each(softmax_row);
 }
 
 impl Attention {
@@ -803,22 +798,14 @@ impl CustomOp1 for Attention {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let op = AttentionBwd {
-            heads: self.heads,
-            n_query: self.n_query,
-            scale: self.scale,
-        };
+        let op = AttentionBwd(*self);
         Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
     }
 }
 
 /// Gradient of [`Attention`] with respect to qkv, P recomputed: dV = Pᵀ dO, dP = dO Vᵀ,
 /// dS = P (dP - rowsum(dP P)), dQ = scale dS K, dK = scale dSᵀ Q.
-struct AttentionBwd {
-    heads: usize,
-    n_query: usize,
-    scale: f64,
-}
+struct AttentionBwd(Attention);
 
 impl CustomOp2 for AttentionBwd {
     fn name(&self) -> &'static str {
@@ -833,13 +820,12 @@ impl CustomOp2 for AttentionBwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let fwd = Attention {
-            heads: self.heads,
-            n_query: self.n_query,
-            scale: self.scale,
-        };
-        let (b, n, dim, d, r) = fwd.dims(l1)?;
-        let (h, nq, scale) = (self.heads, self.n_query, self.scale);
+        let (b, n, dim, d, r) = self.0.dims(l1)?;
+        let Attention {
+            heads: h,
+            n_query: nq,
+            scale,
+        } = self.0;
         by_dtype!(s1, name, |T| {
             let (qkv, g) = (slice::<T>(s1, l1, name)?, slice::<T>(s2, l2, name)?);
             if g.len() != b * nq * dim {
@@ -880,14 +866,7 @@ impl CustomOp2 for AttentionBwd {
                             1.0,
                         );
                         for (prow, dprow) in p.chunks(n).zip(dp.chunks_mut(n)) {
-                            let c: f64 = prow
-                                .iter()
-                                .zip(dprow.iter())
-                                .map(|(a, b)| a.d() * b.d())
-                                .sum();
-                            for (pi, di) in prow.iter().zip(dprow.iter_mut()) {
-                                *di = T::f(pi.d() * (di.d() - c));
-                            }
+                            softmax_row_bwd(prow, dprow);
                         }
                         // dQ (nq x d) = scale dS K; dK (n x d) = scale dSᵀ Q.
                         mm(

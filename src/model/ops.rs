@@ -22,15 +22,14 @@ pub fn set_second_order(on: bool) {
     SECOND_ORDER.with(|c| c.set(on));
 }
 
-/// Whether the fused CPU kernels apply to `x` on this thread.
-pub fn fused_here(x: &Tensor) -> bool {
-    fused(x)
+/// Whether this thread was marked by [`set_second_order`].
+pub fn second_order() -> bool {
+    SECOND_ORDER.with(|c| c.get())
 }
 
-fn fused(x: &Tensor) -> bool {
-    x.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::F64)
-        && !SECOND_ORDER.with(|c| c.get())
+/// Whether the fused CPU kernels apply to `x` on this thread.
+pub fn fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && !second_order()
 }
 
 /// LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * w + b, biased variance as

@@ -109,7 +109,7 @@ impl Attention {
         let h = self.num_heads;
         let hd = dim / h;
         let qkv = self.qkv.forward(x)?; // B N 3D
-        if self.mm.is_none() && ops::fused_here(&qkv) {
+        if self.mm.is_none() && ops::fused(&qkv) {
             // One kernel per (image, head), reading q, k, v in place.
             let y = super::fused::attention(&qkv, h, n_query, (hd as f64).powf(-0.5))?;
             return self.proj.forward(&y);
