@@ -33,7 +33,10 @@ trait Float:
     fn f(v: f64) -> Self;
     fn d(self) -> f64;
     fn exp(self) -> Self;
-    fn erf(self) -> Self;
+    /// Exact GELU, x Φ(x).
+    fn gelu(self) -> Self;
+    /// Its derivative, Φ(x) + x φ(x).
+    fn gelu_grad(self) -> Self;
 }
 
 impl Float for f32 {
@@ -46,8 +49,15 @@ impl Float for f32 {
     fn exp(self) -> Self {
         f32::exp(self)
     }
-    fn erf(self) -> Self {
-        libm::erff(self)
+    #[inline(always)]
+    fn gelu(self) -> Self {
+        let (cdf, _) = normal_f32(self);
+        self * cdf
+    }
+    #[inline(always)]
+    fn gelu_grad(self) -> Self {
+        let (cdf, pdf) = normal_f32(self);
+        cdf + self * pdf
     }
 }
 
@@ -61,8 +71,12 @@ impl Float for f64 {
     fn exp(self) -> Self {
         f64::exp(self)
     }
-    fn erf(self) -> Self {
-        libm::erf(self)
+    fn gelu(self) -> Self {
+        0.5 * self * (1.0 + libm::erf(self * std::f64::consts::FRAC_1_SQRT_2))
+    }
+    fn gelu_grad(self) -> Self {
+        let cdf = 0.5 * (1.0 + libm::erf(self * std::f64::consts::FRAC_1_SQRT_2));
+        cdf + self * (-0.5 * self * self).exp() * FRAC_1_SQRT_2PI
     }
 }
 
@@ -375,25 +389,89 @@ struct Gelu;
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 /// An elementwise map over chunks on every core.
-fn map1<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+fn map1<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync + Copy) -> Vec<T> {
     let mut out = vec![T::f(0.0); x.len()];
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, xs)| o.iter_mut().zip(xs).for_each(|(oi, &xi)| *oi = f(xi)));
+        .for_each(|(o, xs)| vectorised(o, xs, xs, |a, _| f(a)));
     out
 }
 
-fn gelu<T: Float>(x: T) -> T {
-    let h = T::f(0.5);
-    h * x * (T::f(1.0) + (x * T::f(std::f64::consts::FRAC_1_SQRT_2)).erf())
+/// out[i] = f(a[i], b[i]), compiled a second time for AVX2 and taken where the CPU has it (the
+/// build targets baseline x86-64, whose 4-lane SSE2 code is the fallback). Plain IEEE
+/// arithmetic without reductions, so both give the same bits.
+#[inline(always)]
+fn vectorised<T: Float>(out: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T + Copy) {
+    #[inline(always)]
+    fn each<T: Float>(out: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T) {
+        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+            *o = f(x, y);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2<T: Float>(out: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T) {
+            each(out, a, b, f)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked above.
+            return unsafe { avx2(out, a, b, f) };
+        }
+    }
+    each(out, a, b, f)
 }
 
-/// d/dx of x Φ(x): Φ(x) + x φ(x).
-fn gelu_grad<T: Float>(x: T) -> T {
-    let xd = x.d();
-    let cdf = T::f(0.5) * (T::f(1.0) + (x * T::f(std::f64::consts::FRAC_1_SQRT_2)).erf());
-    let pdf = T::f(-0.5 * xd * xd).exp() * T::f(FRAC_1_SQRT_2PI);
-    cdf + x * pdf
+/// e^y for f32 y ≤ 0, branch-free so it vectorises: 2^n e^r with |r| ≤ ln 2 / 2 and Cephes'
+/// degree-6 expf polynomial; results below e^-87 are not needed here (clamped).
+#[inline(always)]
+fn exp_nonpositive_f32(y: f32) -> f32 {
+    let y = y.max(-87.0);
+    let n = (y * std::f32::consts::LOG2_E + 0.5).floor();
+    // ln 2 in two parts, so n · ln 2 is subtracted without rounding error.
+    let r = y - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_2e-4f32;
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        p = p * r + c;
+    }
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// (Φ(x), φ(x)) of the standard normal in f32, branch-free: erfc by Abramowitz and Stegun
+/// 7.1.26 (absolute error below 1.5e-7, the form PyTorch's vectorised CPU erf uses), taken from
+/// the side where it does not cancel.
+#[inline(always)]
+fn normal_f32(x: f32) -> (f32, f32) {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_8,
+        -1.453_152,
+        1.061_405_4,
+    ];
+    let a = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / (1.0 + P * a);
+    let mut poly = A[4];
+    for c in [A[3], A[2], A[1], A[0]] {
+        poly = poly * t + c;
+    }
+    // Beyond |x| = 9 √2 both are below 1e-35: zero, so no subnormals (slow on x86) arise.
+    let e = if a > 9.0 {
+        0.0
+    } else {
+        exp_nonpositive_f32(-a * a)
+    };
+    let tail = 0.5 * t * poly * e; // Φ(-|x|)
+    let cdf = if x < 0.0 { tail } else { 1.0 - tail };
+    (cdf, e * FRAC_1_SQRT_2PI as f32)
 }
 
 impl CustomOp1 for Gelu {
@@ -404,7 +482,7 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
         by_dtype!(s, name, |T| {
-            let out = map1(slice::<T>(s, l, name)?, gelu::<T>);
+            let out = map1(slice::<T>(s, l, name)?, T::gelu);
             Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
         })
     }
@@ -438,11 +516,7 @@ impl CustomOp2 for GeluBwd {
             let mut out = vec![T::f(0.0); x.len()];
             out.par_chunks_mut(CHUNK)
                 .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-                .for_each(|(o, (xs, gs))| {
-                    for ((oi, &xi), &gi) in o.iter_mut().zip(xs).zip(gs) {
-                        *oi = gi * gelu_grad(xi);
-                    }
-                });
+                .for_each(|(o, (xs, gs))| vectorised(o, xs, gs, |x, g| g * x.gelu_grad()));
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
     }
@@ -451,200 +525,6 @@ impl CustomOp2 for GeluBwd {
 /// Fused exact GELU of a CPU tensor (f32/f64).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::super::ops::primitive;
-    use super::*;
-    use candle_core::{DType, Device, Var, D};
-
-    fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-        use rand::SeedableRng;
-        use rand_distr::{Distribution, StandardNormal};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n)
-            .map(|_| {
-                let z: f64 = StandardNormal.sample(&mut rng);
-                2.0 * z
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let a = a
-            .flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let b = b
-            .flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let scale = a.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
-        a.iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max)
-            / scale
-    }
-
-    /// Value and the gradients of <f(x, w, b), r> w.r.t. x, w, b, for an op and its
-    /// primitive form, in f64 and f32 (the f32 tolerance allows its rounding).
-    fn compare(
-        name: &str,
-        fused: impl Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
-        reference: impl Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
-    ) {
-        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
-            // Row widths below and above a task's chunk; a transposed (strided) input.
-            for (k, dims) in [vec![3usize, 5, 7], vec![4, 33, 192], vec![2, 3, 700]]
-                .into_iter()
-                .enumerate()
-            {
-                let d = *dims.last().unwrap();
-                let x = Var::from_tensor(&randn(&dims, k as u64, dtype)).unwrap();
-                let w = Var::from_tensor(&randn(&[d], 10 + k as u64, dtype)).unwrap();
-                let b = Var::from_tensor(&randn(&[d], 20 + k as u64, dtype)).unwrap();
-                let r = randn(&dims, 30 + k as u64, dtype);
-                let (ya, yb) = (
-                    fused(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap(),
-                    reference(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap(),
-                );
-                assert!(max_rel(&yb, &ya) < tol, "{name} {dtype:?} {dims:?}: value");
-                let ga = (&ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let gb = (&yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                for (what, v) in [("x", &x), ("w", &w), ("b", &b)] {
-                    match (ga.get(v.as_tensor()), gb.get(v.as_tensor())) {
-                        (Some(a), Some(b)) => {
-                            let e = max_rel(b, a);
-                            assert!(e < tol, "{name} {dtype:?} {dims:?}: d{what} off by {e:e}")
-                        }
-                        (None, None) => {}
-                        _ => panic!("{name} {dtype:?}: d{what} present on one side only"),
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn layer_norm_and_its_gradients_match_the_primitive_form() {
-        compare(
-            "layer norm",
-            |x, w, b| layer_norm(x, w, b, 1e-6),
-            |x, w, b| primitive::layer_norm(x, w, b, 1e-6),
-        );
-    }
-
-    #[test]
-    fn softmax_and_its_gradient_match_the_primitive_form() {
-        compare(
-            "softmax",
-            |x, _, _| softmax_last_dim(x),
-            |x, _, _| primitive::softmax_last_dim(x),
-        );
-        // Rows sum to one, and a transposed input is taken as its values.
-        let x = randn(&[6, 9], 1, DType::F64).t().unwrap();
-        let y = softmax_last_dim(&x).unwrap();
-        let sums = y.sum(D::Minus1).unwrap().to_vec1::<f64>().unwrap();
-        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-14));
-        assert!(max_rel(&primitive::softmax_last_dim(&x).unwrap(), &y) < 1e-15);
-    }
-
-    #[test]
-    fn gelu_and_its_gradient_match_the_erf_formula() {
-        // The reference is 0.5 x (1 + erf(x / sqrt 2)) from primitive ops, not candle's
-        // gelu_erf, whose backward has 6-digit constants.
-        compare(
-            "gelu",
-            |x, _, _| gelu_erf(x),
-            |x, _, _| {
-                let e = (x / std::f64::consts::SQRT_2)?.erf()?;
-                (x * 0.5)? * (e + 1.0)?
-            },
-        );
-        let x = Tensor::new(&[0.0f64, 1.0, -2.0], &Device::Cpu).unwrap();
-        let y = gelu_erf(&x).unwrap().to_vec1::<f64>().unwrap();
-        // Φ(1) = 0.841344746068543, Φ(-2) = 0.0227501319481792 (tables).
-        assert_eq!(y[0], 0.0);
-        assert!((y[1] - 0.841344746068543).abs() < 1e-15);
-        assert!((y[2] + 2.0 * 0.0227501319481792).abs() < 1e-15);
-    }
-
-    /// The attention core from primitive ops, as `vit::Attention` computes it off the fused
-    /// path: (B, N, 3D) qkv -> (B, nq, D).
-    fn attention_reference(qkv: &Tensor, h: usize, nq: usize) -> candle_core::Result<Tensor> {
-        let (b, n, r) = qkv.dims3()?;
-        let (dim, d) = (r / 3, r / 3 / h);
-        let t = qkv.reshape((b, n, 3, h, d))?.permute((2, 0, 3, 1, 4))?;
-        let q = t.get(0)?.narrow(2, n - nq, nq)?.contiguous()?;
-        let (k, v) = (t.get(1)?.contiguous()?, t.get(2)?.contiguous()?);
-        let s = (q * (d as f64).powf(-0.5))?.matmul(&k.t()?)?;
-        primitive::softmax_last_dim(&s)?
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, nq, dim))
-    }
-
-    #[test]
-    fn attention_and_its_gradient_match_the_primitive_form() {
-        // Self-attention (nq = n) and attention fusion's last-layer queries (nq < n); head
-        // widths below and above gemm's blocking.
-        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
-            for (k, (b, n, h, d, nq)) in [(2, 5, 2, 3, 5), (3, 17, 3, 64, 17), (2, 12, 2, 8, 4)]
-                .into_iter()
-                .enumerate()
-            {
-                let qkv =
-                    Var::from_tensor(&randn(&[b, n, 3 * h * d], 40 + k as u64, dtype)).unwrap();
-                let r = randn(&[b, nq, h * d], 50 + k as u64, dtype);
-                let scale = (d as f64).powf(-0.5);
-                let ya = attention(qkv.as_tensor(), h, nq, scale).unwrap();
-                let yb = attention_reference(qkv.as_tensor(), h, nq).unwrap();
-                assert_eq!(ya.dims(), yb.dims());
-                assert!(max_rel(&yb, &ya) < tol, "{dtype:?} case {k}: value");
-                let ga = (&ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let gb = (&yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let (ga, gb) = (
-                    ga.get(qkv.as_tensor()).unwrap(),
-                    gb.get(qkv.as_tensor()).unwrap(),
-                );
-                let e = max_rel(gb, ga);
-                assert!(e < tol, "{dtype:?} case {k}: dqkv off by {e:e}");
-            }
-        }
-    }
-
-    #[test]
-    fn the_second_order_thread_uses_the_primitive_forms() {
-        // d²/dx² of Σ gelu(x) by double backward: exact only through the primitive form,
-        // which ops::gelu picks on a thread marked second-order.
-        let got = crate::analysis::hvp::with_second_order(|| {
-            let x = Var::new(&[0.7f64, -1.3], &Device::Cpu)?;
-            let y = super::super::ops::gelu(x.as_tensor())?.sum_all()?;
-            let g = y.backward()?;
-            let dx = g.get(x.as_tensor()).unwrap().clone();
-            let h = dx.sum_all()?.backward()?;
-            Ok(h.get(x.as_tensor()).unwrap().to_vec1::<f64>()?)
-        })
-        .unwrap();
-        // GELU'' = φ(x) (2 - x²).
-        for (x, g) in [0.7f64, -1.3].iter().zip(&got) {
-            let phi = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
-            assert!((g - phi * (2.0 - x * x)).abs() < 1e-6, "{x}: {g}");
-        }
-    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -681,11 +561,29 @@ impl<T> Shared<T> {
 /// # Safety
 /// The pointers must cover the strided matrices, and dst must not alias the inputs.
 unsafe fn mm<T: Float>(
+    dims: (usize, usize, usize),
+    dst: (*mut T, usize, usize),
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+    beta: f64,
+) {
+    gemm_into(dims, dst, lhs, rhs, beta, false, gemm::Parallelism::None)
+}
+
+/// dst (m x n) = beta · lhs (m x k) · rhs (k x n), plus dst's previous values when
+/// `accumulate`, each matrix given by (pointer, row stride, column stride). gemm splits the
+/// output, never the inner dimension, across threads, so results do not depend on `par`.
+///
+/// # Safety
+/// The pointers must cover the strided matrices, and dst must not alias the inputs.
+unsafe fn gemm_into<T: Float>(
     (m, n, k): (usize, usize, usize),
     dst: (*mut T, usize, usize),
     lhs: (*const T, usize, usize),
     rhs: (*const T, usize, usize),
     beta: f64,
+    accumulate: bool,
+    par: gemm::Parallelism,
 ) {
     gemm::gemm(
         m,
@@ -694,20 +592,28 @@ unsafe fn mm<T: Float>(
         dst.0,
         dst.2 as isize,
         dst.1 as isize,
-        false,
+        accumulate,
         lhs.0,
         lhs.2 as isize,
         lhs.1 as isize,
         rhs.0,
         rhs.2 as isize,
         rhs.1 as isize,
-        T::f(0.0),
+        T::f(if accumulate { 1.0 } else { 0.0 }),
         T::f(beta),
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        par,
     )
+}
+
+/// gemm on every core of rayon's pool.
+fn all_cores() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
 }
 
 /// The attention probabilities of one (image, head): P (nq x n) = softmax(scale · Q Kᵀ).
@@ -898,4 +804,447 @@ pub fn attention(qkv: &Tensor, heads: usize, n_query: usize, scale: f64) -> Resu
         n_query,
         scale,
     })
+}
+
+// ------------------------------------------------------------------------------------------
+// Linear layer
+// ------------------------------------------------------------------------------------------
+
+/// y (M, O) = x (M, K) · wᵀ + b with w (O, K): one gemm on every core that starts from the
+/// bias rows, instead of a product, a broadcast add and, backward, a single-threaded sum over
+/// the broadcast rows.
+struct Linear;
+
+/// (M, K, O) of a linear layer's operands, checked.
+fn linear_dims(x: &Layout, w: &Layout, b: &Layout) -> Result<(usize, usize, usize)> {
+    let (m, k) = x.shape().dims2()?;
+    let (o, kw) = w.shape().dims2()?;
+    let ob = b.shape().dims1()?;
+    if k != kw || o != ob {
+        bail!(
+            "fused linear: input {:?}, weight {:?}, bias {:?} do not fit",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        );
+    }
+    Ok((m, k, o))
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (m, k, o) = linear_dims(lx, lw, lb)?;
+        by_dtype!(sx, name, |T| {
+            let (x, w, b) = (
+                slice::<T>(sx, lx, name)?,
+                slice::<T>(sw, lw, name)?,
+                slice::<T>(sb, lb, name)?,
+            );
+            let mut y = vec![T::f(0.0); m * o];
+            y.par_chunks_mut(o * rows_per_task(o))
+                .for_each(|rows| rows.chunks_mut(o).for_each(|r| r.copy_from_slice(b)));
+            // SAFETY: x is m x k, w is o x k (read as its transpose), y is m x o; y is fresh.
+            unsafe {
+                gemm_into(
+                    (m, o, k),
+                    (y.as_mut_ptr(), o, 1),
+                    (x.as_ptr(), k, 1),
+                    (w.as_ptr(), 1, k),
+                    1.0,
+                    true,
+                    all_cores(),
+                )
+            };
+            Ok((T::to_cpu_storage_owned(y), Shape::from((m, o))))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        Ok((
+            Some(g.apply_op2_no_bwd(w, &LinearBwd::Input)?),
+            Some(g.apply_op2_no_bwd(x, &LinearBwd::Weight)?),
+            Some(g.apply_op1_no_bwd(&ColumnSum)?),
+        ))
+    }
+}
+
+/// The products of a linear layer's backward pass, from the output gradient g (M, O):
+/// dx = g · w (M, K) and dw = gᵀ · x (O, K).
+enum LinearBwd {
+    Input,
+    Weight,
+}
+
+impl CustomOp2 for LinearBwd {
+    fn name(&self) -> &'static str {
+        "fused-linear-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sg: &CpuStorage,
+        lg: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (m, o) = lg.shape().dims2()?;
+        let (r, c) = l2.shape().dims2()?;
+        let (rows, k) = match self {
+            LinearBwd::Input if r == o => (m, c),
+            LinearBwd::Weight if r == m => (o, c),
+            _ => bail!(
+                "{name}: gradient {:?} and operand {:?}",
+                lg.dims(),
+                l2.dims()
+            ),
+        };
+        by_dtype!(sg, name, |T| {
+            let (g, a) = (slice::<T>(sg, lg, name)?, slice::<T>(s2, l2, name)?);
+            let mut out = vec![T::f(0.0); rows * k];
+            // g as m x o, or read as its transpose o x m.
+            let (lhs, inner) = match self {
+                LinearBwd::Input => ((g.as_ptr(), o, 1), o),
+                LinearBwd::Weight => ((g.as_ptr(), 1, o), m),
+            };
+            // SAFETY: the strides describe g and the row-major operand a (inner x k) exactly;
+            // out is fresh.
+            unsafe {
+                gemm_into(
+                    (rows, k, inner),
+                    (out.as_mut_ptr(), k, 1),
+                    lhs,
+                    (a.as_ptr(), k, 1),
+                    1.0,
+                    false,
+                    all_cores(),
+                )
+            };
+            Ok((T::to_cpu_storage_owned(out), Shape::from((rows, k))))
+        })
+    }
+}
+
+/// Sums of a matrix's columns (the bias gradient), over row blocks of fixed size on every core
+/// and then over the blocks in order, so the result does not depend on the thread count.
+struct ColumnSum;
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "column-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (_, o) = l.shape().dims2()?;
+        by_dtype!(s, name, |T| {
+            let g = slice::<T>(s, l, name)?;
+            let block = o * rows_per_task(o);
+            let partial: Vec<Vec<f64>> = g
+                .par_chunks(block.max(1))
+                .map(|rows| {
+                    let mut acc = vec![0.0f64; o];
+                    for r in rows.chunks(o) {
+                        acc.iter_mut().zip(r).for_each(|(a, v)| *a += v.d());
+                    }
+                    acc
+                })
+                .collect();
+            let mut sum = vec![0.0f64; o];
+            for p in &partial {
+                sum.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+            }
+            let out: Vec<T> = sum.into_iter().map(T::f).collect();
+            Ok((T::to_cpu_storage_owned(out), Shape::from(o)))
+        })
+    }
+}
+
+/// Fused linear layer of a CPU (M, K) f32/f64 input: (M, O).
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::ops::primitive;
+    use super::*;
+    use candle_core::{DType, Device, Var, D};
+
+    fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, StandardNormal};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                let z: f64 = StandardNormal.sample(&mut rng);
+                2.0 * z
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+        let a = a
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let b = b
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let scale = a.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+            / scale
+    }
+
+    /// Value and the gradients of <f(x, w, b), r> w.r.t. x, w, b, for an op and its
+    /// primitive form, in f64 and f32 (the f32 tolerance allows its rounding).
+    fn compare(
+        name: &str,
+        fused: impl Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
+        reference: impl Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    ) {
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            // Row widths below and above a task's chunk; a transposed (strided) input.
+            for (k, dims) in [vec![3usize, 5, 7], vec![4, 33, 192], vec![2, 3, 700]]
+                .into_iter()
+                .enumerate()
+            {
+                let d = *dims.last().unwrap();
+                let x = Var::from_tensor(&randn(&dims, k as u64, dtype)).unwrap();
+                let w = Var::from_tensor(&randn(&[d], 10 + k as u64, dtype)).unwrap();
+                let b = Var::from_tensor(&randn(&[d], 20 + k as u64, dtype)).unwrap();
+                let r = randn(&dims, 30 + k as u64, dtype);
+                let (ya, yb) = (
+                    fused(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap(),
+                    reference(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap(),
+                );
+                assert!(max_rel(&yb, &ya) < tol, "{name} {dtype:?} {dims:?}: value");
+                let ga = (&ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let gb = (&yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                for (what, v) in [("x", &x), ("w", &w), ("b", &b)] {
+                    match (ga.get(v.as_tensor()), gb.get(v.as_tensor())) {
+                        (Some(a), Some(b)) => {
+                            let e = max_rel(b, a);
+                            assert!(e < tol, "{name} {dtype:?} {dims:?}: d{what} off by {e:e}")
+                        }
+                        (None, None) => {}
+                        _ => panic!("{name} {dtype:?}: d{what} present on one side only"),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_and_its_gradients_match_the_primitive_form() {
+        compare(
+            "layer norm",
+            |x, w, b| layer_norm(x, w, b, 1e-6),
+            |x, w, b| primitive::layer_norm(x, w, b, 1e-6),
+        );
+    }
+
+    #[test]
+    fn softmax_and_its_gradient_match_the_primitive_form() {
+        compare(
+            "softmax",
+            |x, _, _| softmax_last_dim(x),
+            |x, _, _| primitive::softmax_last_dim(x),
+        );
+        // Rows sum to one, and a transposed input is taken as its values.
+        let x = randn(&[6, 9], 1, DType::F64).t().unwrap();
+        let y = softmax_last_dim(&x).unwrap();
+        let sums = y.sum(D::Minus1).unwrap().to_vec1::<f64>().unwrap();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-14));
+        assert!(max_rel(&primitive::softmax_last_dim(&x).unwrap(), &y) < 1e-15);
+    }
+
+    #[test]
+    fn gelu_and_its_gradient_match_the_erf_formula() {
+        // The reference is 0.5 x (1 + erf(x / sqrt 2)) from primitive ops, not candle's
+        // gelu_erf, whose backward has 6-digit constants.
+        compare(
+            "gelu",
+            |x, _, _| gelu_erf(x),
+            |x, _, _| {
+                let e = (x / std::f64::consts::SQRT_2)?.erf()?;
+                (x * 0.5)? * (e + 1.0)?
+            },
+        );
+        let x = Tensor::new(&[0.0f64, 1.0, -2.0], &Device::Cpu).unwrap();
+        let y = gelu_erf(&x).unwrap().to_vec1::<f64>().unwrap();
+        // Φ(1) = 0.841344746068543, Φ(-2) = 0.0227501319481792 (tables).
+        assert_eq!(y[0], 0.0);
+        assert!((y[1] - 0.841344746068543).abs() < 1e-15);
+        assert!((y[2] + 2.0 * 0.0227501319481792).abs() < 1e-15);
+    }
+
+    #[test]
+    fn linear_and_its_gradients_match_the_primitive_form() {
+        // Shapes below and above gemm's blocking, and a row count that leaves a short last
+        // block for the bias gradient's column sums.
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            for (c, (m, k, o)) in [(3, 5, 7), (1088, 192, 576), (97, 300, 13)]
+                .into_iter()
+                .enumerate()
+            {
+                let seed = 60 + 4 * c as u64;
+                let x = Var::from_tensor(&randn(&[m, k], seed, dtype)).unwrap();
+                let w = Var::from_tensor(&randn(&[o, k], seed + 1, dtype)).unwrap();
+                let b = Var::from_tensor(&randn(&[o], seed + 2, dtype)).unwrap();
+                let r = randn(&[m, o], seed + 3, dtype);
+                let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+                let ya = linear(xt, wt, bt).unwrap();
+                let yb = primitive::linear(xt, wt, bt).unwrap();
+                assert_eq!(ya.dims(), &[m, o]);
+                assert!(max_rel(&yb, &ya) < tol, "{dtype:?} {m}x{k}x{o}: value");
+                let ga = (&ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let gb = (&yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                for (what, v) in [("x", xt), ("w", wt), ("b", bt)] {
+                    let e = max_rel(gb.get(v).unwrap(), ga.get(v).unwrap());
+                    assert!(e < tol, "{dtype:?} {m}x{k}x{o}: d{what} off by {e:e}");
+                }
+            }
+        }
+        // The bias gradient is the column sums, exactly for small integers.
+        let g = Tensor::new(&[[1.0f32, 2.0], [3.0, 4.0], [5.0, 6.0]], &Device::Cpu).unwrap();
+        let sums = g
+            .apply_op1_no_bwd(&ColumnSum)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(sums, [9.0, 12.0]);
+    }
+
+    #[test]
+    fn f32_exp_and_normal_functions_are_within_rounding_of_f64() {
+        // e^y on [-87, 0]: relative error a few f32 ulps.
+        let mut worst = 0.0f64;
+        for i in 0..=870_000 {
+            let y = -(i as f64) * 1e-4;
+            let got = exp_nonpositive_f32(y as f32) as f64;
+            let want = (y as f32 as f64).exp();
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 3e-7, "exp: relative error {worst:e}");
+        // GELU and its derivative on [-12, 12] against the erf formula in f64 (libm): within
+        // A&S 7.1.26's 1.5e-7 on Φ, scaled by |x|, plus f32 rounding (measured: 1.8e-7 and
+        // 2.9e-7, 2.5 ulps of 1).
+        let (mut wg, mut wd) = (0.0f64, 0.0f64);
+        for i in -240_000..=240_000 {
+            let x = (i as f64 * 5e-5) as f32;
+            let xd = x as f64;
+            let scale = xd.abs().max(1.0);
+            wg = wg.max((x.gelu() as f64 - xd.gelu()).abs() / scale);
+            wd = wd.max((x.gelu_grad() as f64 - xd.gelu_grad()).abs() / scale);
+        }
+        assert!(wg < 4e-7 && wd < 4e-7, "gelu {wg:e}, gelu' {wd:e}");
+        // Tails: exactly 0 and x far out, and NaN stays NaN (the training guard needs it).
+        assert_eq!((-30.0f32).gelu(), 0.0);
+        assert_eq!((-30.0f32).gelu_grad(), 0.0);
+        assert_eq!(30.0f32.gelu(), 30.0);
+        assert_eq!(30.0f32.gelu_grad(), 1.0);
+        assert!(f32::NAN.gelu().is_nan() && f32::NAN.gelu_grad().is_nan());
+    }
+
+    /// The attention core from primitive ops, as `vit::Attention` computes it off the fused
+    /// path: (B, N, 3D) qkv -> (B, nq, D).
+    fn attention_reference(qkv: &Tensor, h: usize, nq: usize) -> candle_core::Result<Tensor> {
+        let (b, n, r) = qkv.dims3()?;
+        let (dim, d) = (r / 3, r / 3 / h);
+        let t = qkv.reshape((b, n, 3, h, d))?.permute((2, 0, 3, 1, 4))?;
+        let q = t.get(0)?.narrow(2, n - nq, nq)?.contiguous()?;
+        let (k, v) = (t.get(1)?.contiguous()?, t.get(2)?.contiguous()?);
+        let s = (q * (d as f64).powf(-0.5))?.matmul(&k.t()?)?;
+        primitive::softmax_last_dim(&s)?
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, nq, dim))
+    }
+
+    #[test]
+    fn attention_and_its_gradient_match_the_primitive_form() {
+        // Self-attention (nq = n) and attention fusion's last-layer queries (nq < n); head
+        // widths below and above gemm's blocking.
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            for (k, (b, n, h, d, nq)) in [(2, 5, 2, 3, 5), (3, 17, 3, 64, 17), (2, 12, 2, 8, 4)]
+                .into_iter()
+                .enumerate()
+            {
+                let qkv =
+                    Var::from_tensor(&randn(&[b, n, 3 * h * d], 40 + k as u64, dtype)).unwrap();
+                let r = randn(&[b, nq, h * d], 50 + k as u64, dtype);
+                let scale = (d as f64).powf(-0.5);
+                let ya = attention(qkv.as_tensor(), h, nq, scale).unwrap();
+                let yb = attention_reference(qkv.as_tensor(), h, nq).unwrap();
+                assert_eq!(ya.dims(), yb.dims());
+                assert!(max_rel(&yb, &ya) < tol, "{dtype:?} case {k}: value");
+                let ga = (&ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let gb = (&yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let (ga, gb) = (
+                    ga.get(qkv.as_tensor()).unwrap(),
+                    gb.get(qkv.as_tensor()).unwrap(),
+                );
+                let e = max_rel(gb, ga);
+                assert!(e < tol, "{dtype:?} case {k}: dqkv off by {e:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_second_order_thread_uses_the_primitive_forms() {
+        // d²/dx² of Σ gelu(x) by double backward: exact only through the primitive form,
+        // which ops::gelu picks on a thread marked second-order.
+        let got = crate::analysis::hvp::with_second_order(|| {
+            let x = Var::new(&[0.7f64, -1.3], &Device::Cpu)?;
+            let y = super::super::ops::gelu(x.as_tensor())?.sum_all()?;
+            let g = y.backward()?;
+            let dx = g.get(x.as_tensor()).unwrap().clone();
+            let h = dx.sum_all()?.backward()?;
+            Ok(h.get(x.as_tensor()).unwrap().to_vec1::<f64>()?)
+        })
+        .unwrap();
+        // GELU'' = φ(x) (2 - x²).
+        for (x, g) in [0.7f64, -1.3].iter().zip(&got) {
+            let phi = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            assert!((g - phi * (2.0 - x * x)).abs() < 1e-6, "{x}: {g}");
+        }
+    }
 }

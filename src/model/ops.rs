@@ -1,8 +1,8 @@
 //! Differentiable building blocks.
 //!
 //! candle's fused `layer_norm` and `softmax_last_dim` carry no backward op (CANDLE.md): anything
-//! upstream of them silently gets no gradient. Every normalisation, softmax and GELU of the
-//! model goes through this module, in one of two forms:
+//! upstream of them silently gets no gradient. Every linear layer, normalisation, softmax and
+//! GELU of the model goes through this module, in one of two forms:
 //! - on the CPU, our fused kernels with fused backward kernels ([`super::fused`]): exact first
 //!   derivatives, one pass each way;
 //! - elsewhere (CUDA), and on a thread that takes second derivatives (exact Hessian-vector
@@ -60,6 +60,15 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// A linear layer on rows: x (M, K) · wᵀ + b, w (O, K).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if fused(x) {
+        super::fused::linear(x, weight, bias)
+    } else {
+        primitive::linear(x, weight, bias)
+    }
+}
+
 /// The forms built from candle's primitive ops (differentiable twice).
 pub mod primitive {
     use candle_core::{Result, Tensor, D};
@@ -82,6 +91,10 @@ pub mod primitive {
 
     pub fn gelu(x: &Tensor) -> Result<Tensor> {
         x.gelu_erf()
+    }
+
+    pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        x.matmul(&weight.t()?)?.broadcast_add(bias)
     }
 }
 
