@@ -815,12 +815,27 @@ pub fn attention(qkv: &Tensor, heads: usize, n_query: usize, scale: f64) -> Resu
 /// the broadcast rows.
 struct Linear;
 
+/// A layout as a matrix: (rows, last dimension).
+fn as_matrix(l: &Layout) -> (usize, usize) {
+    let last = l.dims().last().copied().unwrap_or(1);
+    (l.shape().elem_count() / last.max(1), last)
+}
+
+/// `dims` with the last dimension replaced by `last`.
+fn with_last(dims: &[usize], last: usize) -> Shape {
+    let mut d = dims.to_vec();
+    if let Some(x) = d.last_mut() {
+        *x = last;
+    }
+    Shape::from(d)
+}
+
 /// (M, K, O) of a linear layer's operands, checked.
 fn linear_dims(x: &Layout, w: &Layout, b: &Layout) -> Result<(usize, usize, usize)> {
-    let (m, k) = x.shape().dims2()?;
+    let (m, k) = as_matrix(x);
     let (o, kw) = w.shape().dims2()?;
     let ob = b.shape().dims1()?;
-    if k != kw || o != ob {
+    if x.dims().is_empty() || k != kw || o != ob {
         bail!(
             "fused linear: input {:?}, weight {:?}, bias {:?} do not fit",
             x.dims(),
@@ -868,7 +883,7 @@ impl CustomOp3 for Linear {
                     all_cores(),
                 )
             };
-            Ok((T::to_cpu_storage_owned(y), Shape::from((m, o))))
+            Ok((T::to_cpu_storage_owned(y), with_last(lx.dims(), o)))
         })
     }
 
@@ -889,8 +904,8 @@ impl CustomOp3 for Linear {
     }
 }
 
-/// The products of a linear layer's backward pass, from the output gradient g (M, O):
-/// dx = g · w (M, K) and dw = gᵀ · x (O, K).
+/// The products of a linear layer's backward pass, from the output gradient g (..., O), M rows:
+/// dx = g · w (..., K) and dw = gᵀ · x (O, K).
 enum LinearBwd {
     Input,
     Weight,
@@ -909,11 +924,11 @@ impl CustomOp2 for LinearBwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let (m, o) = lg.shape().dims2()?;
-        let (r, c) = l2.shape().dims2()?;
-        let (rows, k) = match self {
-            LinearBwd::Input if r == o => (m, c),
-            LinearBwd::Weight if r == m => (o, c),
+        let (m, o) = as_matrix(lg);
+        let (r, c) = as_matrix(l2);
+        let (rows, k, shape) = match self {
+            LinearBwd::Input if r == o => (m, c, with_last(lg.dims(), c)),
+            LinearBwd::Weight if r == m => (o, c, Shape::from((o, c))),
             _ => bail!(
                 "{name}: gradient {:?} and operand {:?}",
                 lg.dims(),
@@ -941,7 +956,7 @@ impl CustomOp2 for LinearBwd {
                     all_cores(),
                 )
             };
-            Ok((T::to_cpu_storage_owned(out), Shape::from((rows, k))))
+            Ok((T::to_cpu_storage_owned(out), shape))
         })
     }
 }
@@ -957,7 +972,7 @@ impl CustomOp1 for ColumnSum {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let (_, o) = l.shape().dims2()?;
+        let (_, o) = as_matrix(l);
         by_dtype!(s, name, |T| {
             let g = slice::<T>(s, l, name)?;
             let block = o * rows_per_task(o);
@@ -981,7 +996,8 @@ impl CustomOp1 for ColumnSum {
     }
 }
 
-/// Fused linear layer of a CPU (M, K) f32/f64 input: (M, O).
+/// Fused linear layer of a CPU (..., K) f32/f64 input: (..., O), without reshapes (whose
+/// backward passes would each be another pass over the gradient).
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)

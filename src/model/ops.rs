@@ -60,7 +60,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// A linear layer on rows: x (M, K) · wᵀ + b, w (O, K).
+/// A linear layer on the last dimension: x (..., K) · wᵀ + b, w (O, K).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if fused(x) {
         super::fused::linear(x, weight, bias)
@@ -94,7 +94,14 @@ pub mod primitive {
     }
 
     pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        x.matmul(&weight.t()?)?.broadcast_add(bias)
+        let mut dims = x.dims().to_vec();
+        let k = dims.pop().unwrap_or(0);
+        let y = x
+            .reshape((dims.iter().product::<usize>(), k))?
+            .matmul(&weight.t()?)?
+            .broadcast_add(bias)?;
+        dims.push(weight.dim(0)?);
+        y.reshape(dims)
     }
 }
 

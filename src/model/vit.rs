@@ -40,20 +40,21 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // (..., in) -> (rows, in) @ (in, out) -> (..., out)
-        let mut dims = x.dims().to_vec();
-        let in_dim = dims.pop().unwrap_or(0);
-        let rows: usize = dims.iter().product();
-        let x2 = x.reshape((rows, in_dim))?;
-        let y = match self.mm {
-            Some(mm) if mm != x.dtype() => ops::lowp(&x2, self.mm)?
-                .matmul(&ops::lowp(&self.weight, self.mm)?.t()?)?
-                .to_dtype(x.dtype())?
-                .broadcast_add(&self.bias)?,
-            _ => ops::linear(&x2, &self.weight, &self.bias)?,
-        };
-        dims.push(self.bias.dim(0)?);
-        y.reshape(dims)
+        match self.mm {
+            Some(mm) if mm != x.dtype() => {
+                // (..., in) -> (rows, in) @ (in, out) -> (..., out)
+                let mut dims = x.dims().to_vec();
+                let in_dim = dims.pop().unwrap_or(0);
+                let rows: usize = dims.iter().product();
+                let y = ops::lowp(&x.reshape((rows, in_dim))?, self.mm)?
+                    .matmul(&ops::lowp(&self.weight, self.mm)?.t()?)?
+                    .to_dtype(x.dtype())?
+                    .broadcast_add(&self.bias)?;
+                dims.push(self.bias.dim(0)?);
+                y.reshape(dims)
+            }
+            _ => ops::linear(x, &self.weight, &self.bias),
+        }
     }
 }
 
