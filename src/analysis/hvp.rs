@@ -276,8 +276,10 @@ impl<'a> Objective<'a> {
             for (gi, vi) in g.iter().zip(&vt) {
                 gv = (gv + (gi * vi)?.sum_all()?)?;
             }
-            let second = gv.backward()?;
-            let hv = self.collect(&second)?;
+            let hv = {
+                let second = detached_backward(&gv)?;
+                self.collect(&second)?
+            };
             add_scaled(&mut out, &flatten(&hv)?, *w);
         }
         self.decay_term(v, &mut out);
@@ -308,6 +310,23 @@ fn flatten(ts: &[Tensor]) -> Result<Vec<f64>> {
         out.extend(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
     }
     Ok(out)
+}
+
+/// The gradients of `t` by a backward pass on a fresh thread, which detaches as candle does by
+/// default: exact, as `t`'s own graph (the gradient's graph here) is already built, but without
+/// recording a third-order graph for every op of the pass, which kept each intermediate
+/// gradient alive until the end and made a product several times slower and larger.
+fn detached_backward(t: &Tensor) -> Result<candle_core::backprop::GradStore> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // The lock keeps a concurrent with_second_order from setting the variable while
+            // this thread latches its mode.
+            let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
+            Ok(t.backward()?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the Hessian-vector product's backward pass panicked"))?
+    })
 }
 
 /// The variable candle's backward pass reads once per thread (candle-core backprop.rs).
