@@ -441,7 +441,11 @@ fn exp_nonpositive_f32(y: f32) -> f32 {
         p = p * r + c;
     }
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n built from n's bits: 1.5 · 2^23 + n holds n (|n| ≤ 126) in its low mantissa bits.
+    // A float-to-int cast would saturate lane by lane in scalar code.
+    const MAGIC: f32 = 12_582_912.0;
+    let n_bits = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits());
+    e * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// (Φ(x), φ(x)) of the standard normal in f32, branch-free: erfc by Abramowitz and Stegun
