@@ -1,7 +1,8 @@
-//! Fused CPU kernels, with fused backward kernels, for the elementwise work of a ViT: layer norm
-//! over the last dimension, softmax over the last dimension, exact (erf) GELU, and the
-//! attention core (scores, softmax and the weighted sum per head, read from and written to
-//! the projections' layouts without permuted copies).
+//! Fused CPU kernels, with fused backward kernels, for the work of a ViT around its matrix
+//! products: layer norm over the last dimension, softmax over the last dimension, exact (erf)
+//! GELU, the linear layer (product and bias in one op), and the attention core (scores, softmax
+//! and the weighted sum per head, read from and written to the projections' layouts without
+//! permuted copies).
 //!
 //! Built from candle's primitive ops, a layer norm is 8 kernels forward and about 20 backward,
 //! each allocating a tensor and streaming memory: on the CPU those and their page faults, not
@@ -814,8 +815,8 @@ pub fn attention(qkv: &Tensor, heads: usize, n_query: usize, scale: f64) -> Resu
 // Linear layer
 // ------------------------------------------------------------------------------------------
 
-/// y (M, O) = x (M, K) · wᵀ + b with w (O, K): one gemm on every core that starts from the
-/// bias rows, instead of a product, a broadcast add and, backward, a single-threaded sum over
+/// y (..., O) = x (..., K) · wᵀ + b with w (O, K), M rows: one gemm on every core that starts
+/// from the bias rows, instead of a product, a broadcast add and, backward, a single-threaded sum over
 /// the broadcast rows.
 struct Linear;
 
@@ -1152,7 +1153,7 @@ mod tests {
                 let r = randn(&[m, o], seed + 3, dtype);
                 let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
                 let ya = linear(xt, wt, bt).unwrap();
-                let yb = primitive::linear(xt, wt, bt).unwrap();
+                let yb = primitive::linear(xt, wt, bt, None).unwrap();
                 assert_eq!(ya.dims(), &[m, o]);
                 assert!(max_rel(&yb, &ya) < tol, "{dtype:?} {m}x{k}x{o}: value");
                 let ga = (&ya * &r).unwrap().sum_all().unwrap().backward().unwrap();

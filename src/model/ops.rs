@@ -60,18 +60,19 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// A linear layer on the last dimension: x (..., K) · wᵀ + b, w (O, K).
-pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if fused(x) {
-        super::fused::linear(x, weight, bias)
-    } else {
-        primitive::linear(x, weight, bias)
+/// A linear layer on the last dimension: x (..., K) · wᵀ + b, w (O, K), with the product in
+/// `mm` (mixed precision, see [`lowp`]) when given.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, mm: Option<DType>) -> Result<Tensor> {
+    match mm {
+        Some(dt) if dt != x.dtype() => primitive::linear(x, weight, bias, mm),
+        _ if fused(x) => super::fused::linear(x, weight, bias),
+        _ => primitive::linear(x, weight, bias, None),
     }
 }
 
 /// The forms built from candle's primitive ops (differentiable twice).
 pub mod primitive {
-    use candle_core::{Result, Tensor, D};
+    use candle_core::{DType, Result, Tensor, D};
 
     pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -93,12 +94,15 @@ pub mod primitive {
         x.gelu_erf()
     }
 
-    pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    /// (..., in) -> (rows, in) @ (in, out) -> (..., out), the product in `mm` when given; the
+    /// output keeps x's dtype.
+    pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, mm: Option<DType>) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
         let k = dims.pop().unwrap_or(0);
-        let y = x
-            .reshape((dims.iter().product::<usize>(), k))?
-            .matmul(&weight.t()?)?
+        let x2 = x.reshape((dims.iter().product::<usize>(), k))?;
+        let y = super::lowp(&x2, mm)?
+            .matmul(&super::lowp(weight, mm)?.t()?)?
+            .to_dtype(x.dtype())?
             .broadcast_add(bias)?;
         dims.push(weight.dim(0)?);
         y.reshape(dims)

@@ -40,21 +40,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self.mm {
-            Some(mm) if mm != x.dtype() => {
-                // (..., in) -> (rows, in) @ (in, out) -> (..., out)
-                let mut dims = x.dims().to_vec();
-                let in_dim = dims.pop().unwrap_or(0);
-                let rows: usize = dims.iter().product();
-                let y = ops::lowp(&x.reshape((rows, in_dim))?, self.mm)?
-                    .matmul(&ops::lowp(&self.weight, self.mm)?.t()?)?
-                    .to_dtype(x.dtype())?
-                    .broadcast_add(&self.bias)?;
-                dims.push(self.bias.dim(0)?);
-                y.reshape(dims)
-            }
-            _ => ops::linear(x, &self.weight, &self.bias),
-        }
+        ops::linear(x, &self.weight, &self.bias, self.mm)
     }
 }
 
