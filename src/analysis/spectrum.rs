@@ -89,8 +89,9 @@ impl Accumulator {
                         }
                     }
                     row_fft.process_with_scratch(&mut maps, &mut scratch); // every row
-                                                                           // Z = A + iB row by row: A[l] = (Z[l] + conj Z[-l]) / 2 and
-                                                                           // B[l] = (Z[l] - conj Z[-l]) / 2i.
+
+                    // Z = A + iB row by row: A[l] = (Z[l] + conj Z[-l]) / 2 and
+                    // B[l] = (Z[l] - conj Z[-l]) / 2i.
                     for p in 0..pairs {
                         let (ca, cb) = (2 * p, 2 * p + 1);
                         for i in 0..h {

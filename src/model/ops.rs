@@ -8,6 +8,9 @@
 //! - elsewhere (CUDA), and on a thread that takes second derivatives (exact Hessian-vector
 //!   products, see [`set_second_order`]), the same functions built from primitive ops whose
 //!   first and second derivatives candle knows ([`primitive`]).
+//!
+//! The linear layer is fused on the CPU on both kinds of thread: on a second-order thread its
+//! backward pass is built from candle's ops, so it can be differentiated again.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -63,9 +66,11 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 /// A linear layer on the last dimension: x (..., K) · wᵀ + b, w (O, K), with the product in
 /// `mm` (mixed precision, see [`lowp`]) when given.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, mm: Option<DType>) -> Result<Tensor> {
+    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
     match mm {
         Some(dt) if dt != x.dtype() => primitive::linear(x, weight, bias, mm),
-        _ if fused(x) => super::fused::linear(x, weight, bias),
+        // On the second-order thread too, with a backward pass built from candle's ops.
+        _ if cpu => super::fused::linear(x, weight, bias, second_order()),
         _ => primitive::linear(x, weight, bias, None),
     }
 }
