@@ -13,8 +13,10 @@
 //! The backward kernels are not themselves differentiable, so these ops give exact first
 //! derivatives only. [`super::ops`] therefore uses them only where no second derivative is
 //! taken: not on the thread that computes exact Hessian-vector products, which keeps the
-//! primitive-op versions (their double backward is checked against PyTorch). Sums over a row
-//! accumulate in f64 in both precisions.
+//! primitive-op versions of softmax, GELU and attention (their double backward is checked
+//! against PyTorch). The layer norm and the linear layer run fused there too, with a backward
+//! pass built from candle's ops instead (`differentiable`), which can be differentiated again.
+//! Sums over a row accumulate in f64 in both precisions.
 
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
@@ -119,8 +121,13 @@ macro_rules! by_dtype {
 // ------------------------------------------------------------------------------------------
 
 /// (x - mean) / sqrt(var + eps) * w + b over the last dimension, biased variance.
+///
+/// With `differentiable`, its backward pass is built from candle's ops (about 20 of them), so
+/// a gradient taken through it can be differentiated again: on the second-order thread it
+/// replaces the primitive form's 13 forward nodes and their backward graph.
 struct LayerNorm {
     eps: f64,
+    differentiable: bool,
 }
 
 /// Mean and 1/sqrt(var + eps) of one row, accumulated in f64.
@@ -191,6 +198,26 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = w.elem_count();
         let n = x.elem_count();
+        if self.differentiable {
+            // x̂ = (x - mean) r, r = 1/std, ĝ = g w: dx = r (ĝ - mean(ĝ) - x̂ mean(ĝ x̂)).
+            let rows = n / d.max(1);
+            let (x2, g2) = (x.reshape((rows, d))?, grad.reshape((rows, d))?);
+            let centred = x2.broadcast_sub(&x2.mean_keepdim(1)?)?;
+            let r = (centred.sqr()?.mean_keepdim(1)? + self.eps)?
+                .sqrt()?
+                .recip()?;
+            let xhat = centred.broadcast_mul(&r)?;
+            let gh = g2.broadcast_mul(w)?;
+            let dx = gh
+                .broadcast_sub(&gh.mean_keepdim(1)?)?
+                .sub(&xhat.broadcast_mul(&(&gh * &xhat)?.mean_keepdim(1)?)?)?
+                .broadcast_mul(&r)?;
+            return Ok((
+                Some(dx.reshape(x.shape())?),
+                Some((&g2 * &xhat)?.sum(0)?),
+                Some(g2.sum(0)?),
+            ));
+        }
         // One pass: dx, then dw and db, packed in one flat buffer.
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBwd { eps: self.eps })?;
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
@@ -279,10 +306,23 @@ impl CustomOp3 for LayerNormBwd {
     }
 }
 
-/// Fused layer norm of a CPU tensor over its last dimension (f32/f64).
-pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })
+/// Fused layer norm of a CPU tensor over its last dimension (f32/f64). `differentiable`: a
+/// backward pass that can itself be differentiated (slower; for second derivatives).
+pub fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    differentiable: bool,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LayerNorm {
+            eps,
+            differentiable,
+        },
+    )
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1120,7 +1160,7 @@ mod tests {
     fn layer_norm_and_its_gradients_match_the_primitive_form() {
         compare(
             "layer norm",
-            |x, w, b| layer_norm(x, w, b, 1e-6),
+            |x, w, b| layer_norm(x, w, b, 1e-6, false),
             |x, w, b| primitive::layer_norm(x, w, b, 1e-6),
         );
     }
@@ -1292,38 +1332,56 @@ mod tests {
         }
     }
 
+    /// H v of L = Σ r ⊙ y ⊙ y, y = op(x, w, b), with respect to (x, w, b), by double backward
+    /// on the second-order thread, through `op`'s form there and through `reference`.
+    fn hvp_through(
+        op: fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
+        (x_dims, w_dims, y_dims): (&'static [usize], &'static [usize], &'static [usize]),
+    ) -> [Tensor; 3] {
+        crate::analysis::hvp::with_second_order(move || {
+            let x = Var::from_tensor(&randn(x_dims, 70, DType::F64))?;
+            let w = Var::from_tensor(&randn(w_dims, 71, DType::F64))?;
+            let b = Var::from_tensor(&randn(&w_dims[..1], 72, DType::F64))?;
+            let r = randn(y_dims, 73, DType::F64);
+            let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+            let y = op(xt, wt, bt)?;
+            let g = (&y * &y)?.mul(&r)?.sum_all()?.backward()?;
+            let mut gv = Tensor::new(0.0f64, &Device::Cpu)?;
+            for (i, t) in [xt, wt, bt].into_iter().enumerate() {
+                let v = randn(t.dims(), 80 + i as u64, DType::F64);
+                gv = (gv + (g.get(t).unwrap() * v)?.sum_all()?)?;
+            }
+            let h = gv.backward()?;
+            Ok([xt, wt, bt].map(|t| h.get(t).unwrap().clone()))
+        })
+        .unwrap()
+    }
+
     #[test]
-    fn second_derivatives_through_the_linear_layer_match_the_primitive_form() {
-        // H v of L = Σ r ⊙ y ⊙ y, y = x wᵀ + b, with respect to (x, w, b), by double backward
-        // on the second-order thread: through ops::linear (the fused op with its
-        // differentiable backward there) and through the primitive form.
-        let hv = |fused: bool| {
-            crate::analysis::hvp::with_second_order(move || {
-                let x = Var::from_tensor(&randn(&[2, 5, 4], 70, DType::F64))?;
-                let w = Var::from_tensor(&randn(&[3, 4], 71, DType::F64))?;
-                let b = Var::from_tensor(&randn(&[3], 72, DType::F64))?;
-                let r = randn(&[2, 5, 3], 73, DType::F64);
-                let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
-                let y = if fused {
-                    super::super::ops::linear(xt, wt, bt, None)?
-                } else {
-                    primitive::linear(xt, wt, bt, None)?
-                };
-                let g = (&y * &y)?.mul(&r)?.sum_all()?.backward()?;
-                let mut gv = Tensor::new(0.0f64, &Device::Cpu)?;
-                for (i, t) in [xt, wt, bt].into_iter().enumerate() {
-                    let v = randn(t.dims(), 80 + i as u64, DType::F64);
-                    gv = (gv + (g.get(t).unwrap() * v)?.sum_all()?)?;
-                }
-                let h = gv.backward()?;
-                Ok([xt, wt, bt].map(|t| h.get(t).unwrap().clone()))
-            })
-            .unwrap()
-        };
-        let (a, b) = (hv(true), hv(false));
-        for (what, (a, b)) in ["x", "w", "b"].iter().zip(a.iter().zip(&b)) {
-            let e = max_rel(b, a);
-            assert!(e < 1e-12, "(H v)_{what} off by {e:e}");
+    fn second_derivatives_through_linear_and_layer_norm_match_the_primitive_forms() {
+        // On the second-order thread ops::linear and ops::layer_norm are the fused ops with
+        // backward passes built from candle's ops; the primitive forms are the reference.
+        type Op = fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>;
+        let cases: [(&str, Op, Op, _); 2] = [
+            (
+                "linear",
+                |x, w, b| super::super::ops::linear(x, w, b, None),
+                |x, w, b| primitive::linear(x, w, b, None),
+                (&[2usize, 5, 4][..], &[3usize, 4][..], &[2usize, 5, 3][..]),
+            ),
+            (
+                "layer norm",
+                |x, w, b| super::super::ops::layer_norm(x, w, b, 1e-6),
+                |x, w, b| primitive::layer_norm(x, w, b, 1e-6),
+                (&[2, 5, 6][..], &[6][..], &[2, 5, 6][..]),
+            ),
+        ];
+        for (name, op, reference, dims) in cases {
+            let (a, b) = (hvp_through(op, dims), hvp_through(reference, dims));
+            for (what, (a, b)) in ["x", "w", "b"].iter().zip(a.iter().zip(&b)) {
+                let e = max_rel(b, a);
+                assert!(e < 1e-11, "{name}: (H v)_{what} off by {e:e}");
+            }
         }
     }
 }

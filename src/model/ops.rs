@@ -9,8 +9,9 @@
 //!   products, see [`set_second_order`]), the same functions built from primitive ops whose
 //!   first and second derivatives candle knows ([`primitive`]).
 //!
-//! The linear layer is fused on the CPU on both kinds of thread: on a second-order thread its
-//! backward pass is built from candle's ops, so it can be differentiated again.
+//! The linear layer and the layer norm are fused on the CPU on both kinds of thread: on a
+//! second-order thread their backward passes are built from candle's ops, so they can be
+//! differentiated again.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -30,16 +31,23 @@ pub fn second_order() -> bool {
     SECOND_ORDER.with(|c| c.get())
 }
 
-/// Whether the fused CPU kernels apply to `x` on this thread.
+/// Whether `x` is an f32/f64 CPU tensor, which the fused kernels take.
+fn cpu_float(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// Whether the fused CPU kernels with fused (not differentiable) backward passes apply to `x`
+/// on this thread.
 pub fn fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && !second_order()
+    cpu_float(x) && !second_order()
 }
 
 /// LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * w + b, biased variance as
 /// torch.nn.LayerNorm.
+/// On a second-order CPU thread too, with a backward pass built from candle's ops.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if fused(x) {
-        super::fused::layer_norm(x, weight, bias, eps)
+    if cpu_float(x) {
+        super::fused::layer_norm(x, weight, bias, eps, second_order())
     } else {
         primitive::layer_norm(x, weight, bias, eps)
     }
@@ -66,11 +74,10 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 /// A linear layer on the last dimension: x (..., K) · wᵀ + b, w (O, K), with the product in
 /// `mm` (mixed precision, see [`lowp`]) when given.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, mm: Option<DType>) -> Result<Tensor> {
-    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
     match mm {
         Some(dt) if dt != x.dtype() => primitive::linear(x, weight, bias, mm),
         // On the second-order thread too, with a backward pass built from candle's ops.
-        _ if cpu => super::fused::linear(x, weight, bias, second_order()),
+        _ if cpu_float(x) => super::fused::linear(x, weight, bias, second_order()),
         _ => primitive::linear(x, weight, bias, None),
     }
 }
