@@ -20,8 +20,9 @@ thread_local! {
 }
 
 /// Marks the calling thread as one whose gradients are differentiated again: from then on its
-/// layer norms, softmaxes and GELUs are the primitive-op forms, whose backward passes are
-/// themselves differentiable.
+/// softmaxes, GELUs and attention cores are the primitive-op forms, and its linear layers and
+/// layer norms the fused ops with backward passes built from candle's ops; either way the
+/// backward passes are themselves differentiable.
 pub fn set_second_order(on: bool) {
     SECOND_ORDER.with(|c| c.set(on));
 }
@@ -43,8 +44,8 @@ pub fn fused(x: &Tensor) -> bool {
 }
 
 /// LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * w + b, biased variance as
-/// torch.nn.LayerNorm.
-/// On a second-order CPU thread too, with a backward pass built from candle's ops.
+/// torch.nn.LayerNorm. Fused on the CPU, on a second-order thread too (with a backward pass
+/// built from candle's ops there).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if cpu_float(x) {
         super::fused::layer_norm(x, weight, bias, eps, second_order())
