@@ -94,6 +94,16 @@ fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T
     }
 }
 
+/// The sum of per-block partial sums (each `len` long), added in block order: the same result
+/// whatever the threads did (rayon's own reduce adds in a scheduling-dependent order).
+fn in_block_order(partial: &[Vec<f64>], len: usize) -> Vec<f64> {
+    let mut total = vec![0.0; len];
+    for p in partial {
+        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
+    total
+}
+
 /// Rows of a row-wise kernel grouped so each task gets about CHUNK elements.
 fn rows_per_task(width: usize) -> usize {
     (CHUNK / width.max(1)).max(1)
@@ -266,13 +276,7 @@ fn layer_norm_bwd<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
             acc
         })
         .collect::<Vec<_>>();
-    // Partial sums of fixed row blocks, added in block order: the same result whatever the
-    // threads did (rayon's own reduce would add in a scheduling-dependent order).
-    let mut total = vec![0f64; 2 * d];
-    for p in &partial {
-        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
-    }
-    for (o, v) in out[n..].iter_mut().zip(&total) {
+    for (o, v) in out[n..].iter_mut().zip(&in_block_order(&partial, 2 * d)) {
         *o = T::f(*v);
     }
     out
@@ -365,7 +369,7 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let d = l.shape().dims().last().copied().unwrap_or(1);
+        let d = as_matrix(l).1;
         by_dtype!(s, name, |T| {
             let out = softmax_fwd(slice::<T>(s, l, name)?, d);
             Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
@@ -408,7 +412,7 @@ impl CustomOp2 for SoftmaxBwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let d = l1.shape().dims().last().copied().unwrap_or(1);
+        let d = as_matrix(l1).1;
         by_dtype!(s1, name, |T| {
             let out = softmax_bwd(slice::<T>(s1, l1, name)?, slice::<T>(s2, l2, name)?, d);
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
@@ -1050,11 +1054,7 @@ impl CustomOp1 for ColumnSum {
                     acc
                 })
                 .collect();
-            let mut sum = vec![0.0f64; o];
-            for p in &partial {
-                sum.iter_mut().zip(p).for_each(|(a, v)| *a += v);
-            }
-            let out: Vec<T> = sum.into_iter().map(T::f).collect();
+            let out: Vec<T> = in_block_order(&partial, o).into_iter().map(T::f).collect();
             Ok((T::to_cpu_storage_owned(out), Shape::from(o)))
         })
     }
