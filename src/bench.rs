@@ -219,8 +219,7 @@ pub fn run(s: &BenchSettings, device: &Device) -> Result<Vec<String>> {
             },
         )?;
         let (secs, mem) = timed(s.iters, device, |i| {
-            let out = model.forward(&imgs, &masks[i])?;
-            let grads = out.loss.backward()?;
+            let (_, grads) = crate::train::step::loss_and_grads(&model, &imgs, &masks[i])?;
             opt.apply(&grads, 1e-6)?;
             Ok(())
         })?;

@@ -12,6 +12,9 @@
 //!
 //! With one micro-batch, exact products reuse the gradient graph built by the first product
 //! (each product is then one extra backward pass); with several, each product rebuilds them.
+//! On the CPU each micro-batch is cut into shards as a training batch is
+//! ([`crate::train::step`]): their gradient graphs are built, and their products taken, in
+//! parallel, each on a thread of its own, and added in shard order.
 //!
 //! The batch may be split into micro-batches to bound memory: every image has the same number
 //! of removed patches, so the batch loss is the mean of per-image losses and a micro-batch of n
@@ -27,6 +30,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::model::{Mae, Mask, ParamStore};
 use crate::train::optim::DecayRule;
+use crate::train::step::{shard_ranges, shards};
 
 /// How Hessian-vector products are computed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,6 +52,10 @@ impl HvpMethod {
     }
 }
 
+/// Per shard of a micro-batch: the gradient of each parameter, its graph kept, and the shard's
+/// share of the micro-batch's images.
+type ShardGraphs = Vec<(Vec<Tensor>, f64)>;
+
 /// The loss of a model on one fixed batch and mask.
 pub struct Objective<'a> {
     model: &'a Mae,
@@ -60,9 +68,10 @@ pub struct Objective<'a> {
     chunks: Vec<(Tensor, Mask, f64)>,
     /// The parameters at construction, flat (restored after every finite difference).
     theta: Vec<f64>,
-    /// Exact products with a single micro-batch: the gradient with its graph, built once and
-    /// reused by every product (each product is then one backward pass).
-    graph: Mutex<Option<Vec<Tensor>>>,
+    /// Exact products with a single micro-batch: the gradient with its graph, per shard with
+    /// the shard's share, built once and reused by every product (each product is then one
+    /// backward pass per shard, the shards in parallel).
+    graph: Mutex<Option<ShardGraphs>>,
 }
 
 impl<'a> Objective<'a> {
@@ -260,11 +269,10 @@ impl<'a> Objective<'a> {
         let single = self.chunks.len() == 1;
         for (imgs, mask, w) in &self.chunks {
             let mut cache = self.graph.lock().unwrap_or_else(|e| e.into_inner());
-            let g = match cache.as_ref() {
+            let shards = match cache.as_ref() {
                 Some(g) if single => g.clone(),
                 _ => {
-                    let grads = self.model.forward(imgs, mask)?.loss.backward()?;
-                    let g = self.collect(&grads)?;
+                    let g = self.gradient_graphs(imgs, mask)?;
                     if single {
                         *cache = Some(g.clone());
                     }
@@ -272,18 +280,68 @@ impl<'a> Objective<'a> {
                 }
             };
             drop(cache);
-            let mut gv = Tensor::zeros((), self.dtype(), &self.device())?;
-            for (gi, vi) in g.iter().zip(&vt) {
-                gv = (gv + (gi * vi)?.sum_all()?)?;
+            // One thread per shard, each a detaching backward pass through its own graph.
+            let products: Vec<Result<Vec<f64>>> = std::thread::scope(|s| {
+                let running: Vec<_> = shards
+                    .iter()
+                    .map(|(g, _)| {
+                        let vt = &vt;
+                        s.spawn(move || -> Result<Vec<f64>> {
+                            latch_detaching()?;
+                            let mut gv = Tensor::zeros((), self.dtype(), &self.device())?;
+                            for (gi, vi) in g.iter().zip(vt) {
+                                gv = (gv + (gi * vi)?.sum_all()?)?;
+                            }
+                            flatten(&self.collect(&gv.backward()?)?)
+                        })
+                    })
+                    .collect();
+                running
+                    .into_iter()
+                    .map(|h| {
+                        h.join().map_err(|_| {
+                            anyhow::anyhow!("a Hessian-vector product's backward pass panicked")
+                        })?
+                    })
+                    .collect()
+            });
+            for (hv, (_, share)) in products.into_iter().zip(&shards) {
+                add_scaled(&mut out, &hv?, w * share);
             }
-            let hv = {
-                let second = detached_backward(&gv)?;
-                self.collect(&second)?
-            };
-            add_scaled(&mut out, &flatten(&hv)?, *w);
         }
         self.decay_term(v, &mut out);
         Ok(out)
+    }
+
+    /// The gradient of the loss on `imgs` with `mask`, its graph kept, as one gradient per
+    /// shard with the shard's share of the images (see [`crate::train::step`]). Shards past the
+    /// first are built in parallel, each on a graph-keeping thread of its own.
+    fn gradient_graphs(&self, imgs: &Tensor, mask: &Mask) -> Result<ShardGraphs> {
+        let b = imgs.dim(0)?;
+        let build = |start: usize, n: usize| -> Result<(Vec<Tensor>, f64)> {
+            let loss = self
+                .model
+                .forward(&imgs.narrow(0, start, n)?, &mask.rows(start, n))?
+                .loss;
+            Ok((self.collect(&loss.backward()?)?, n as f64 / b as f64))
+        };
+        let ranges = shard_ranges(b, shards(b, imgs.device()));
+        if ranges.len() == 1 {
+            return Ok(vec![build(0, b)?]);
+        }
+        std::thread::scope(|s| {
+            let running: Vec<_> = ranges
+                .iter()
+                .map(|&(start, n)| s.spawn(move || with_second_order(|| build(start, n))))
+                .collect();
+            running
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("a gradient-graph thread panicked"))?
+                })
+                .collect()
+        })
     }
 
     /// H v with `method`.
@@ -312,21 +370,16 @@ fn flatten(ts: &[Tensor]) -> Result<Vec<f64>> {
     Ok(out)
 }
 
-/// The gradients of `t` by a backward pass on a fresh thread, which detaches as candle does by
-/// default: exact, as `t`'s own graph (the gradient's graph here) is already built, but without
-/// recording a third-order graph for every op of the pass, which kept each intermediate
-/// gradient alive until the end and made a product several times slower and larger.
-fn detached_backward(t: &Tensor) -> Result<candle_core::backprop::GradStore> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // The lock keeps a concurrent with_second_order from setting the variable while
-            // this thread latches its mode.
-            let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
-            Ok(t.backward()?)
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the Hessian-vector product's backward pass panicked"))?
-    })
+/// Latches the calling thread, which must not have run a backward pass yet, into candle's
+/// default mode, which detaches: a backward pass there through a gradient's graph gives exact
+/// products (that graph is already built) without recording a third-order graph for every op
+/// of the pass, which kept each intermediate gradient alive and made a product several times
+/// slower and larger. Holds the lock only for the latch, so shards run their passes at once.
+fn latch_detaching() -> Result<()> {
+    let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let x = Var::new(1.0f32, &Device::Cpu)?;
+    x.as_tensor().sqr()?.backward()?;
+    Ok(())
 }
 
 /// The variable candle's backward pass reads once per thread (candle-core backprop.rs).

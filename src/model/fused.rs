@@ -31,6 +31,7 @@ trait Float:
     + Copy
     + 'static
     + std::ops::Add<Output = Self>
+    + std::ops::AddAssign
     + std::ops::Mul<Output = Self>
 {
     fn f(v: f64) -> Self;
@@ -40,6 +41,11 @@ trait Float:
     fn gelu(self) -> Self;
     /// Its derivative, Φ(x) + x φ(x).
     fn gelu_grad(self) -> Self;
+    /// Its second derivative, φ(x) (2 - x²) (in f64; only second-order work needs it).
+    fn gelu_grad2(self) -> Self {
+        let x = self.d();
+        Self::f((-0.5 * x * x).exp() * FRAC_1_SQRT_2PI * (2.0 - x * x))
+    }
 }
 
 impl Float for f32 {
@@ -329,6 +335,20 @@ pub fn layer_norm(
     )
 }
 
+/// A backward op: recorded (with its own backward) on a thread that keeps gradient graphs,
+/// where the gradient is differentiated again; plain elsewhere, where candle detaches anyway.
+fn recorded_on_second_order(
+    a: &Tensor,
+    b: &Tensor,
+    op: impl CustomOp2 + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if super::ops::second_order() {
+        a.apply_op2(b, op)
+    } else {
+        a.apply_op2_no_bwd(b, &op)
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // Softmax over the last dimension
 // ------------------------------------------------------------------------------------------
@@ -377,14 +397,58 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?,
-        ))
+        recorded_on_second_order(res, &grad.contiguous()?, SoftmaxBwd).map(Some)
     }
 }
 
 /// dx = y (g - Σ g y) per row.
 struct SoftmaxBwd;
+
+/// The second-order part of the softmax: for one row, with s = Σ y g and the incoming u,
+/// d(dx)/dy contracted with u is u (g - s) - g Σ u y (written into `u`'s place).
+fn softmax_row_bwd2<T: Float>(y: &[T], g: &[T], u: &mut [T]) {
+    let s: f64 = y.iter().zip(g).map(|(a, b)| a.d() * b.d()).sum();
+    let uy: f64 = y.iter().zip(u.iter()).map(|(a, b)| a.d() * b.d()).sum();
+    for (ui, gi) in u.iter_mut().zip(g) {
+        *ui = T::f(ui.d() * (gi.d() - s) - gi.d() * uy);
+    }
+}
+
+/// dy of [`SoftmaxBwd`] (its value dx = y (g - Σ g y)) for an incoming gradient u.
+struct SoftmaxBwdDy;
+
+impl CustomOp3 for SoftmaxBwdDy {
+    fn name(&self) -> &'static str {
+        "fused-softmax-backward-dy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let d = as_matrix(l1).1;
+        by_dtype!(s1, name, |T| {
+            let (y, g) = (slice::<T>(s1, l1, name)?, slice::<T>(s2, l2, name)?);
+            let mut out = slice::<T>(s3, l3, name)?.to_vec();
+            let per = d * rows_per_task(d);
+            out.par_chunks_mut(per)
+                .zip(y.par_chunks(per).zip(g.par_chunks(per)))
+                .for_each(|(o, (ys, gs))| {
+                    for ((orow, yrow), grow) in o.chunks_mut(d).zip(ys.chunks(d)).zip(gs.chunks(d))
+                    {
+                        softmax_row_bwd2(yrow, grow, orow);
+                    }
+                });
+            Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+        })
+    }
+}
 
 fn softmax_bwd<T: Float>(y: &[T], g: &[T], d: usize) -> Vec<T> {
     let mut out = g.to_vec();
@@ -402,6 +466,22 @@ fn softmax_bwd<T: Float>(y: &[T], g: &[T], d: usize) -> Vec<T> {
 impl CustomOp2 for SoftmaxBwd {
     fn name(&self) -> &'static str {
         "fused-softmax-backward"
+    }
+
+    /// dx is linear in g (its gradient is the same kernel applied to u) and bilinear in y.
+    /// Runs in the second backward pass of an exact Hessian-vector product, which records no
+    /// graph, so these ops need no backward of their own.
+    fn bwd(
+        &self,
+        y: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        u: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let u = u.contiguous()?;
+        let dy = y.apply_op3_no_bwd(g, &u, &SoftmaxBwdDy)?;
+        let dg = y.apply_op2_no_bwd(&u, &SoftmaxBwd)?;
+        Ok((Some(dy), Some(dg)))
     }
 
     fn cpu_fwd(
@@ -537,19 +617,66 @@ impl CustomOp1 for Gelu {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            arg.contiguous()?
-                .apply_op2_no_bwd(&grad.contiguous()?, &GeluBwd)?,
-        ))
+        recorded_on_second_order(&arg.contiguous()?, &grad.contiguous()?, GeluBwd).map(Some)
     }
 }
 
 /// g · GELU'(x).
 struct GeluBwd;
 
+/// u · g · GELU''(x): the x-gradient of [`GeluBwd`] for an incoming u.
+struct GeluBwdDx;
+
+impl CustomOp3 for GeluBwdDx {
+    fn name(&self) -> &'static str {
+        "fused-gelu-backward-dx"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        by_dtype!(s1, name, |T| {
+            let x = slice::<T>(s1, l1, name)?;
+            let (g, u) = (slice::<T>(s2, l2, name)?, slice::<T>(s3, l3, name)?);
+            let mut out = vec![T::f(0.0); x.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+                .for_each(|((o, xs), (gs, us))| {
+                    for (((o, x), g), u) in o.iter_mut().zip(xs).zip(gs).zip(us) {
+                        *o = *u * *g * x.gelu_grad2();
+                    }
+                });
+            Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+        })
+    }
+}
+
 impl CustomOp2 for GeluBwd {
     fn name(&self) -> &'static str {
         "fused-gelu-backward"
+    }
+
+    /// Runs in the second backward pass of an exact Hessian-vector product, which records no
+    /// graph, so these ops need no backward of their own.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        u: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let u = u.contiguous()?;
+        let dx = x.apply_op3_no_bwd(g, &u, &GeluBwdDx)?;
+        let dg = x.apply_op2_no_bwd(&u, &GeluBwd)?;
+        Ok((Some(dx), Some(dg)))
     }
 
     fn cpu_fwd(
@@ -657,6 +784,9 @@ unsafe fn gemm_into<T: Float>(
     )
 }
 
+/// gemm on the calling thread (inside a task of a parallel loop).
+const SERIAL: gemm::Parallelism = gemm::Parallelism::None;
+
 /// gemm on every core of rayon's pool.
 fn all_cores() -> gemm::Parallelism {
     match rayon::current_num_threads() {
@@ -753,8 +883,7 @@ impl CustomOp1 for Attention {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let op = AttentionBwd(*self);
-        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+        recorded_on_second_order(arg, &grad.contiguous()?, AttentionBwd(*self)).map(Some)
     }
 }
 
@@ -765,6 +894,22 @@ struct AttentionBwd(Attention);
 impl CustomOp2 for AttentionBwd {
     fn name(&self) -> &'static str {
         "fused-attention-backward"
+    }
+
+    /// Runs in the second backward pass of an exact Hessian-vector product, which records no
+    /// graph, so its op needs no backward of its own.
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        u: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = qkv.apply_op3_no_bwd(g, &u.contiguous()?, &AttentionBwd2(self.0))?;
+        let n = qkv.elem_count();
+        let dqkv = both.narrow(0, 0, n)?.reshape(qkv.shape())?;
+        let dg = both.narrow(0, n, g.elem_count())?.reshape(g.shape())?;
+        Ok((Some(dqkv), Some(dg)))
     }
 
     fn cpu_fwd(
@@ -842,6 +987,151 @@ impl CustomOp2 for AttentionBwd {
                 },
             );
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+        })
+    }
+}
+
+impl AttentionBwd {
+    /// The gradients of this op's output (dqkv) contracted with u (shaped like qkv), with
+    /// respect to qkv and to the incoming gradient dO, as one buffer: B·N·3D values of the
+    /// first, then B·Nq·D of the second. Per (image, head), with P, dP = dO Vᵀ and dS
+    /// recomputed and U split into U_Q (the query rows), U_K, U_V:
+    /// - dS̄ = scale (U_Q Kᵀ + Q U_Kᵀ); dP̄ = P (dS̄ - rowsum(dS̄ P));
+    /// - P̄ = dO U_Vᵀ + dS̄ (dP - rowsum(dP P)) - dP rowsum(dS̄ P); S̄ = P (P̄ - rowsum(P̄ P));
+    /// - Q̄ = scale (dS U_K + S̄ K); K̄ = scale (dSᵀ U_Q + S̄ᵀ Q); V̄ = dP̄ᵀ dO;
+    /// - dŌ = P U_V + dP̄ V.
+    fn second<T: Float>(&self, qkv: &[T], g: &[T], u: &[T], l: &Layout) -> Result<Vec<T>> {
+        let (b, n, dim, d, r) = self.0.dims(l)?;
+        let Attention {
+            heads: h,
+            n_query: nq,
+            scale,
+        } = self.0;
+        if g.len() != b * nq * dim || u.len() != qkv.len() {
+            bail!("fused attention's second derivative: mismatched gradient shapes");
+        }
+        let mut out = vec![T::f(0.0); qkv.len() + g.len()];
+        let (qbar, gbar) = out.split_at_mut(qkv.len());
+        let (src, gp, up) = (
+            Shared(qkv.as_ptr() as *mut T),
+            Shared(g.as_ptr() as *mut T),
+            Shared(u.as_ptr() as *mut T),
+        );
+        let (dq, dg) = (Shared(qbar.as_mut_ptr()), Shared(gbar.as_mut_ptr()));
+        (0..b * h).into_par_iter().for_each_init(
+            || vec![T::f(0.0); 6 * nq * n],
+            |buf, task| {
+                let (bi, hi) = (task / h, task % h);
+                let (p, rest) = buf.split_at_mut(nq * n);
+                let (dp, rest) = rest.split_at_mut(nq * n);
+                let (ds, rest) = rest.split_at_mut(nq * n);
+                let (dsb, rest) = rest.split_at_mut(nq * n);
+                let (pb, dpb) = rest.split_at_mut(nq * n);
+                let c = scale;
+                // SAFETY: as in the backward; the task reads image bi's rows of qkv, u and dO
+                // and writes only its head's columns of image bi's rows of both outputs.
+                unsafe {
+                    let at = |m: *const T| m.add(bi * n * r + hi * d);
+                    let base = at(src.ptr());
+                    let (q, k, v) = (base.add((n - nq) * r), base.add(dim), base.add(2 * dim));
+                    let ub = at(up.ptr());
+                    let (uq, uk, uv) = (ub.add((n - nq) * r), ub.add(dim), ub.add(2 * dim));
+                    let go = (gp.ptr() as *const T).add(bi * nq * dim + hi * d);
+                    let ob = dq.ptr().add(bi * n * r + hi * d);
+                    let (oq, ok, ov) = (ob.add((n - nq) * r), ob.add(dim), ob.add(2 * dim));
+                    let og = dg.ptr().add(bi * nq * dim + hi * d);
+                    let m = |x: &[T]| (x.as_ptr(), n, 1);
+                    let mt = |x: &[T]| (x.as_ptr(), 1, n);
+                    probabilities(q, k, r, (nq, n, d), c, p);
+                    mm(
+                        (nq, n, d),
+                        (dp.as_mut_ptr(), n, 1),
+                        (go, dim, 1),
+                        (v, 1, r),
+                        1.0,
+                    );
+                    ds.copy_from_slice(dp);
+                    for (prow, row) in p.chunks(n).zip(ds.chunks_mut(n)) {
+                        softmax_row_bwd(prow, row);
+                    }
+                    let dsb_ = (dsb.as_mut_ptr(), n, 1);
+                    gemm_into((nq, n, d), dsb_, (uq, r, 1), (k, 1, r), c, false, SERIAL);
+                    gemm_into((nq, n, d), dsb_, (q, r, 1), (uk, 1, r), c, true, SERIAL);
+                    dpb.copy_from_slice(dsb);
+                    for (prow, row) in p.chunks(n).zip(dpb.chunks_mut(n)) {
+                        softmax_row_bwd(prow, row);
+                    }
+                    // dS̄ becomes its contribution to P̄.
+                    for ((prow, dprow), row) in p.chunks(n).zip(dp.chunks(n)).zip(dsb.chunks_mut(n))
+                    {
+                        softmax_row_bwd2(prow, dprow, row);
+                    }
+                    mm(
+                        (nq, n, d),
+                        (pb.as_mut_ptr(), n, 1),
+                        (go, dim, 1),
+                        (uv, 1, r),
+                        1.0,
+                    );
+                    pb.iter_mut()
+                        .zip(dsb.iter())
+                        .for_each(|(a, b)| *a += *b);
+                    for (prow, row) in p.chunks(n).zip(pb.chunks_mut(n)) {
+                        softmax_row_bwd(prow, row); // S̄
+                    }
+                    gemm_into((nq, d, n), (oq, r, 1), m(ds), (uk, r, 1), c, false, SERIAL);
+                    gemm_into((nq, d, n), (oq, r, 1), m(pb), (k, r, 1), c, true, SERIAL);
+                    gemm_into((n, d, nq), (ok, r, 1), mt(ds), (uq, r, 1), c, false, SERIAL);
+                    gemm_into((n, d, nq), (ok, r, 1), mt(pb), (q, r, 1), c, true, SERIAL);
+                    mm((n, d, nq), (ov, r, 1), mt(dpb), (go, dim, 1), 1.0);
+                    gemm_into(
+                        (nq, d, n),
+                        (og, dim, 1),
+                        m(p),
+                        (uv, r, 1),
+                        1.0,
+                        false,
+                        SERIAL,
+                    );
+                    gemm_into(
+                        (nq, d, n),
+                        (og, dim, 1),
+                        m(dpb),
+                        (v, r, 1),
+                        1.0,
+                        true,
+                        SERIAL,
+                    );
+                }
+            },
+        );
+        Ok(out)
+    }
+}
+
+/// [`AttentionBwd::second`] as an op on (qkv, dO, u).
+struct AttentionBwd2(Attention);
+
+impl CustomOp3 for AttentionBwd2 {
+    fn name(&self) -> &'static str {
+        "fused-attention-second-derivative"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        by_dtype!(s1, name, |T| {
+            let (qkv, g) = (slice::<T>(s1, l1, name)?, slice::<T>(s2, l2, name)?);
+            let out = AttentionBwd(self.0).second(qkv, g, slice::<T>(s3, l3, name)?, l1)?;
+            let len = out.len();
+            Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
         })
     }
 }
@@ -1313,11 +1603,10 @@ mod tests {
     }
 
     #[test]
-    fn the_second_order_thread_uses_the_primitive_forms() {
-        // d²/dx² of Σ gelu(x) by double backward: exact only through the primitive form,
-        // which ops::gelu picks on a thread marked second-order.
+    fn gelu_second_derivative_on_the_second_order_thread_is_analytic() {
+        // d²/dx² of Σ gelu(x) by double backward through the fused GELU's recorded backward op.
         let got = crate::analysis::hvp::with_second_order(|| {
-            let x = Var::new(&[0.7f64, -1.3], &Device::Cpu)?;
+            let x = Var::new(&[0.7f64, -1.3, 3.1], &Device::Cpu)?;
             let y = super::super::ops::gelu(x.as_tensor())?.sum_all()?;
             let g = y.backward()?;
             let dx = g.get(x.as_tensor()).unwrap().clone();
@@ -1326,10 +1615,21 @@ mod tests {
         })
         .unwrap();
         // GELU'' = φ(x) (2 - x²).
-        for (x, g) in [0.7f64, -1.3].iter().zip(&got) {
+        for (x, g) in [0.7f64, -1.3, 3.1].iter().zip(&got) {
             let phi = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
-            assert!((g - phi * (2.0 - x * x)).abs() < 1e-6, "{x}: {g}");
+            assert!((g - phi * (2.0 - x * x)).abs() < 1e-12, "{x}: {g}");
         }
+    }
+
+    /// x Φ(x) from candle's erf, whose derivative candle knows exactly; not `gelu_erf`
+    /// (primitive::gelu), whose backward pass rounds 1/√(2π) to 0.398942 (7e-7 relative).
+    fn gelu_from_erf(x: &Tensor) -> candle_core::Result<Tensor> {
+        ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?.mul(x)? * 0.5
+    }
+
+    /// x w + b, w and b broadcast along the last dimension.
+    fn affine(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_mul(w)?.broadcast_add(b)
     }
 
     /// H v of L = Σ r ⊙ y ⊙ y, y = op(x, w, b), with respect to (x, w, b), by double backward
@@ -1358,11 +1658,14 @@ mod tests {
     }
 
     #[test]
-    fn second_derivatives_through_linear_and_layer_norm_match_the_primitive_forms() {
+    fn second_derivatives_through_the_fused_ops_match_the_primitive_forms() {
         // On the second-order thread ops::linear and ops::layer_norm are the fused ops with
-        // backward passes built from candle's ops; the primitive forms are the reference.
+        // backward passes built from candle's ops; ops::softmax_last_dim, ops::gelu and the
+        // attention core the fused ops with recorded backward ops; the primitive forms are the
+        // reference. The ops of one input take x w + b (elementwise) so that all three inputs
+        // are reached.
         type Op = fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>;
-        let cases: [(&str, Op, Op, _); 2] = [
+        let cases: [(&str, Op, Op, _); 6] = [
             (
                 "linear",
                 |x, w, b| super::super::ops::linear(x, w, b, None),
@@ -1374,6 +1677,30 @@ mod tests {
                 |x, w, b| super::super::ops::layer_norm(x, w, b, 1e-6),
                 |x, w, b| primitive::layer_norm(x, w, b, 1e-6),
                 (&[2, 5, 6][..], &[6][..], &[2, 5, 6][..]),
+            ),
+            (
+                "softmax",
+                |x, w, b| super::super::ops::softmax_last_dim(&affine(x, w, b)?),
+                |x, w, b| primitive::softmax_last_dim(&affine(x, w, b)?),
+                (&[2, 5, 6][..], &[6][..], &[2, 5, 6][..]),
+            ),
+            (
+                "GELU",
+                |x, w, b| super::super::ops::gelu(&affine(x, w, b)?),
+                |x, w, b| gelu_from_erf(&affine(x, w, b)?),
+                (&[3, 7][..], &[7][..], &[3, 7][..]),
+            ),
+            (
+                "self-attention",
+                |x, w, b| attention(&affine(x, w, b)?, 2, 5, 3f64.powf(-0.5)),
+                |x, w, b| attention_reference(&affine(x, w, b)?, 2, 5),
+                (&[2, 5, 18][..], &[18][..], &[2, 5, 6][..]),
+            ),
+            (
+                "attention of the last 4 of 12 tokens",
+                |x, w, b| attention(&affine(x, w, b)?, 2, 4, 8f64.powf(-0.5)),
+                |x, w, b| attention_reference(&affine(x, w, b)?, 2, 4),
+                (&[2, 12, 48][..], &[48][..], &[2, 4, 16][..]),
             ),
         ];
         for (name, op, reference, dims) in cases {

@@ -5,13 +5,15 @@
 //! GELU of the model goes through this module, in one of two forms:
 //! - on the CPU, our fused kernels with fused backward kernels ([`super::fused`]): exact first
 //!   derivatives, one pass each way;
-//! - elsewhere (CUDA), and on a thread that takes second derivatives (exact Hessian-vector
-//!   products, see [`set_second_order`]), the same functions built from primitive ops whose
-//!   first and second derivatives candle knows ([`primitive`]).
+//! - elsewhere (CUDA), the same functions built from primitive ops whose first and second
+//!   derivatives candle knows ([`primitive`]).
 //!
-//! The linear layer and the layer norm are fused on the CPU on both kinds of thread: on a
-//! second-order thread their backward passes are built from candle's ops, so they can be
-//! differentiated again.
+//! On a thread that takes second derivatives (exact Hessian-vector products, see
+//! [`set_second_order`]) the backward passes must themselves be differentiable. There the
+//! layer norm and the linear layer are the fused ops with backward passes built from candle's
+//! ops; the softmax and GELU are the fused ops whose backward ops are recorded with backward
+//! passes of their own (the second backward pass of a product records nothing, so those need
+//! none); only the attention core keeps its primitive form (with the fused softmax).
 
 use candle_core::{DType, Result, Tensor};
 
@@ -20,9 +22,8 @@ thread_local! {
 }
 
 /// Marks the calling thread as one whose gradients are differentiated again: from then on its
-/// softmaxes, GELUs and attention cores are the primitive-op forms, and its linear layers and
-/// layer norms the fused ops with backward passes built from candle's ops; either way the
-/// backward passes are themselves differentiable.
+/// attention cores are the primitive-op form, and its other ops the fused ones with
+/// differentiable backward passes (see the module's notes).
 pub fn set_second_order(on: bool) {
     SECOND_ORDER.with(|c| c.set(on));
 }
@@ -37,10 +38,9 @@ fn cpu_float(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
-/// Whether the fused CPU kernels with fused (not differentiable) backward passes apply to `x`
-/// on this thread.
+/// Whether the fused CPU kernels apply to `x` (an f32/f64 CPU tensor), on any thread.
 pub fn fused(x: &Tensor) -> bool {
-    cpu_float(x) && !second_order()
+    cpu_float(x)
 }
 
 /// LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * w + b, biased variance as
@@ -54,9 +54,10 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     }
 }
 
-/// Softmax over the last dimension.
+/// Softmax over the last dimension. Fused on the CPU, on a second-order thread too (its
+/// backward op has a backward of its own there).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if fused(x) {
+    if cpu_float(x) {
         super::fused::softmax_last_dim(x)
     } else {
         primitive::softmax_last_dim(x)
@@ -64,8 +65,9 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Exact (erf) GELU, as torch.nn.GELU() in MAE; not the tanh approximation (`Tensor::gelu`).
+/// Fused on the CPU, on a second-order thread too (as the softmax).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if fused(x) {
+    if cpu_float(x) {
         super::fused::gelu_erf(x)
     } else {
         primitive::gelu(x)

@@ -10,6 +10,7 @@
 
 pub mod optim;
 pub mod schedule;
+pub mod step;
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -324,8 +325,8 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
             // Waiting for the batch and copying it to the device (nothing on the CPU).
             waited += t0.elapsed();
             let mask = batch_mask(&cfg, step);
-            let out = model.forward(&imgs, &mask)?;
-            let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            // Forward and backward (on the CPU in shards, see `step`); nothing is updated yet.
+            let (loss, grads) = step::loss_and_grads(&model, &imgs, &mask)?;
             if !loss.is_finite() {
                 bail!(
                 "loss is {loss} at step {} (lr {lr:.3e}); stopped before updating the weights. \
@@ -339,7 +340,6 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
                         .to_string())
             );
             }
-            let grads = out.loss.backward()?;
             if cfg.precision != TrainPrecision::F32 {
                 // NaN guard: bf16 has f32's exponent range, so no loss scaling, but a product
                 // that overflows or loses everything must not reach the f32 master weights.
