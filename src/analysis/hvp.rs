@@ -13,8 +13,9 @@
 //! With one micro-batch, exact products reuse the gradient graph built by the first product
 //! (each product is then one extra backward pass); with several, each product rebuilds them.
 //! On the CPU each micro-batch is cut into shards as a training batch is
-//! ([`crate::train::step`]): their gradient graphs are built, and their products taken, in
-//! parallel, each on a thread of its own, and added in shard order.
+//! ([`crate::train::step`]): their gradient graphs are built in parallel, each on a
+//! graph-keeping thread of its own, and their products taken in parallel on rayon's pool
+//! (whose threads detach), then added in shard order.
 //!
 //! The batch may be split into micro-batches to bound memory: every image has the same number
 //! of removed patches, so the batch loss is the mean of per-image losses and a micro-batch of n
@@ -27,6 +28,7 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::model::{Mae, Mask, ParamStore};
 use crate::train::optim::DecayRule;
@@ -280,31 +282,19 @@ impl<'a> Objective<'a> {
                 }
             };
             drop(cache);
-            // One thread per shard, each a detaching backward pass through its own graph.
-            let products: Vec<Result<Vec<f64>>> = std::thread::scope(|s| {
-                let running: Vec<_> = shards
-                    .iter()
-                    .map(|(g, _)| {
-                        let vt = &vt;
-                        s.spawn(move || -> Result<Vec<f64>> {
-                            latch_detaching()?;
-                            let mut gv = Tensor::zeros((), self.dtype(), &self.device())?;
-                            for (gi, vi) in g.iter().zip(vt) {
-                                gv = (gv + (gi * vi)?.sum_all()?)?;
-                            }
-                            flatten(&self.collect(&gv.backward()?)?)
-                        })
-                    })
-                    .collect();
-                running
-                    .into_iter()
-                    .map(|h| {
-                        h.join().map_err(|_| {
-                            anyhow::anyhow!("a Hessian-vector product's backward pass panicked")
-                        })?
-                    })
-                    .collect()
-            });
+            // The shards' backward passes through their own graphs at once, on rayon's pool
+            // (whose threads detach), so the products and kernels inside share its workers.
+            let products: Vec<Result<Vec<f64>>> = shards
+                .par_iter()
+                .map(|(g, _)| {
+                    latch_detaching()?;
+                    let mut gv = Tensor::zeros((), self.dtype(), &self.device())?;
+                    for (gi, vi) in g.iter().zip(&vt) {
+                        gv = (gv + (gi * vi)?.sum_all()?)?;
+                    }
+                    flatten(&self.collect(&gv.backward()?)?)
+                })
+                .collect();
             for (hv, (_, share)) in products.into_iter().zip(&shards) {
                 add_scaled(&mut out, &hv?, w * share);
             }

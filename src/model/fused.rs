@@ -10,16 +10,18 @@
 //! forward (a candle `CustomOp` on contiguous f32/f64 CPU tensors, rows split over the cores
 //! with rayon) and one pass backward.
 //!
-//! The backward kernels are not themselves differentiable, so these ops give exact first
-//! derivatives only. [`super::ops`] therefore uses them only where no second derivative is
-//! taken: not on the thread that computes exact Hessian-vector products, which keeps the
-//! primitive-op versions of softmax, GELU and attention (their double backward is checked
-//! against PyTorch). The layer norm and the linear layer run fused there too, with a backward
-//! pass built from candle's ops instead (`differentiable`), which can be differentiated again.
+//! Second derivatives (exact Hessian-vector products) differentiate a gradient again. On the
+//! thread that builds such a gradient ([`super::ops::set_second_order`]) every op here records
+//! its backward op in the graph (`differentiable` for the layer norm and the linear layer; the
+//! others ask [`super::ops::second_order`]), and each backward op has a backward pass of its
+//! own: hand-derived second-derivative kernels, each tested against the primitive forms'
+//! double backward. Those run in a product's second backward pass, which records nothing, so
+//! no third derivative is needed.
 //! Sums over a row accumulate in f64 in both precisions.
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    WithDType,
 };
 use rayon::prelude::*;
 
@@ -138,9 +140,10 @@ macro_rules! by_dtype {
 
 /// (x - mean) / sqrt(var + eps) * w + b over the last dimension, biased variance.
 ///
-/// With `differentiable`, its backward pass is built from candle's ops (about 20 of them), so
-/// a gradient taken through it can be differentiated again: on the second-order thread it
-/// replaces the primitive form's 13 forward nodes and their backward graph.
+/// With `differentiable`, its backward op is recorded (with a backward pass of its own,
+/// [`LayerNormBwd2`]), so a gradient taken through it can be differentiated again: on the
+/// second-order thread it replaces the primitive form's 13 forward nodes and their backward
+/// graph.
 struct LayerNorm {
     eps: f64,
     differentiable: bool,
@@ -212,30 +215,15 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = w.elem_count();
-        let n = x.elem_count();
-        if self.differentiable {
-            // x̂ = (x - mean) r, r = 1/std, ĝ = g w: dx = r (ĝ - mean(ĝ) - x̂ mean(ĝ x̂)).
-            let rows = n / d.max(1);
-            let (x2, g2) = (x.reshape((rows, d))?, grad.reshape((rows, d))?);
-            let centred = x2.broadcast_sub(&x2.mean_keepdim(1)?)?;
-            let r = (centred.sqr()?.mean_keepdim(1)? + self.eps)?
-                .sqrt()?
-                .recip()?;
-            let xhat = centred.broadcast_mul(&r)?;
-            let gh = g2.broadcast_mul(w)?;
-            let dx = gh
-                .broadcast_sub(&gh.mean_keepdim(1)?)?
-                .sub(&xhat.broadcast_mul(&(&gh * &xhat)?.mean_keepdim(1)?)?)?
-                .broadcast_mul(&r)?;
-            return Ok((
-                Some(dx.reshape(x.shape())?),
-                Some((&g2 * &xhat)?.sum(0)?),
-                Some(g2.sum(0)?),
-            ));
-        }
-        // One pass: dx, then dw and db, packed in one flat buffer.
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let (n, d) = (x.elem_count(), w.elem_count());
+        // One pass: dx, then dw and db, packed in one flat buffer; recorded, with a backward
+        // pass of its own, where the gradient is differentiated again.
+        let (g, op) = (grad.contiguous()?, LayerNormBwd { eps: self.eps });
+        let packed = if self.differentiable {
+            x.apply_op3(w, &g, op)?
+        } else {
+            x.apply_op3_no_bwd(w, &g, &op)?
+        };
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let dw = packed.narrow(0, n, d)?.reshape(w.shape())?;
         let db = packed.narrow(0, n + d, d)?.reshape(w.shape())?;
@@ -293,6 +281,29 @@ impl CustomOp3 for LayerNormBwd {
         "fused-layer-norm-backward"
     }
 
+    /// Runs in the second backward pass of an exact Hessian-vector product, which records no
+    /// graph, so its op needs no backward of its own.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        u: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, d) = (x.elem_count(), w.elem_count());
+        let op = LayerNormBwd2 {
+            eps: self.eps,
+            w: w.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+        };
+        let packed = x.apply_op3_no_bwd(g, &u.contiguous()?, &op)?;
+        Ok((
+            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
+            Some(packed.narrow(0, 2 * n, d)?.reshape(w.shape())?),
+            Some(packed.narrow(0, n, n)?.reshape(g.shape())?),
+        ))
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -316,8 +327,116 @@ impl CustomOp3 for LayerNormBwd {
     }
 }
 
+/// The gradients of [`LayerNormBwd`]'s packed output (dx, dw, db) contracted with u = (u_x,
+/// U_w, U_b), with respect to x, g and w, packed as (x̄, ḡ, w̄). Per row, with σ = 1/r,
+/// a = g w, m = mean(a x̂), dx = r (a - mean(a) - x̂ m) and J(h) = r (h - mean(h) -
+/// x̂ mean(h x̂)) the layer norm's own transposed Jacobian:
+/// - ā = J(u_x): ḡ = ā w + U_w x̂ + U_b, w̄ = Σ_rows ā g;
+/// - through x̂ and σ: x̂̄ = -r (m u_x + mean(u_x x̂) a) + U_w g, σ̄ = -r <u_x, dx>;
+/// - x̄ = J(x̂̄) + σ̄ x̂ / D (∂σ/∂x = x̂ / D).
+///
+/// w is held by the op (at most 3 tensor inputs).
+struct LayerNormBwd2 {
+    eps: f64,
+    w: Vec<f64>,
+}
+
+fn layer_norm_bwd2<T: Float>(x: &[T], g: &[T], u: &[T], w: &[f64], eps: f64) -> Vec<T> {
+    let (n, d) = (x.len(), w.len());
+    let (ux, rest) = u.split_at(n);
+    let (uw, ub) = rest.split_at(d);
+    let mut out = vec![T::f(0.0); 2 * n + d];
+    let (xbar, gbar) = out.split_at_mut(n);
+    let gbar = &mut gbar[..n];
+    let per = d * rows_per_task(d);
+    let partial = xbar
+        .par_chunks_mut(per)
+        .zip(gbar.par_chunks_mut(per))
+        .zip(
+            x.par_chunks(per)
+                .zip(g.par_chunks(per))
+                .zip(ux.par_chunks(per)),
+        )
+        .map(|((xo, go), ((xs, gs), us))| {
+            let mut wbar = vec![0f64; d];
+            let (mut xh, mut a, mut abar, mut hbar) =
+                (vec![0f64; d], vec![0f64; d], vec![0f64; d], vec![0f64; d]);
+            let rows = xo.chunks_mut(d).zip(go.chunks_mut(d));
+            for ((xrow_out, grow_out), ((xrow, grow), urow)) in
+                rows.zip(xs.chunks(d).zip(gs.chunks(d)).zip(us.chunks(d)))
+            {
+                let (mean, r) = row_stats(xrow, eps);
+                let dd = d as f64;
+                let (mut ma, mut m, mut mu, mut mux) = (0.0, 0.0, 0.0, 0.0);
+                for i in 0..d {
+                    xh[i] = (xrow[i].d() - mean) * r;
+                    a[i] = grow[i].d() * w[i];
+                    ma += a[i];
+                    m += a[i] * xh[i];
+                    mu += urow[i].d();
+                    mux += urow[i].d() * xh[i];
+                }
+                let (ma, m, mu, mux) = (ma / dd, m / dd, mu / dd, mux / dd);
+                let mut udx = 0.0;
+                for i in 0..d {
+                    let ui = urow[i].d();
+                    udx += ui * r * (a[i] - ma - xh[i] * m);
+                    abar[i] = r * (ui - mu - xh[i] * mux);
+                    wbar[i] += abar[i] * grow[i].d();
+                    let gb = abar[i] * w[i] + uw[i].d() * xh[i] + ub[i].d();
+                    grow_out[i] = T::f(gb);
+                    hbar[i] = -r * (m * ui + mux * a[i]) + uw[i].d() * grow[i].d();
+                }
+                let sbar = -r * udx;
+                let (mut mh, mut mhx) = (0.0, 0.0);
+                for i in 0..d {
+                    mh += hbar[i];
+                    mhx += hbar[i] * xh[i];
+                }
+                let (mh, mhx) = (mh / dd, mhx / dd);
+                for i in 0..d {
+                    xrow_out[i] = T::f(r * (hbar[i] - mh - xh[i] * mhx) + sbar * xh[i] / dd);
+                }
+            }
+            wbar
+        })
+        .collect::<Vec<_>>();
+    for (o, v) in out[2 * n..].iter_mut().zip(&in_block_order(&partial, d)) {
+        *o = T::f(*v);
+    }
+    out
+}
+
+impl CustomOp3 for LayerNormBwd2 {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-second-derivative"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        by_dtype!(s1, name, |T| {
+            let (x, g) = (slice::<T>(s1, l1, name)?, slice::<T>(s2, l2, name)?);
+            let u = slice::<T>(s3, l3, name)?;
+            if u.len() != x.len() + 2 * self.w.len() || g.len() != x.len() {
+                bail!("{name}: mismatched gradient shapes");
+            }
+            let out = layer_norm_bwd2(x, g, u, &self.w, self.eps);
+            let len = out.len();
+            Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
+        })
+    }
+}
+
 /// Fused layer norm of a CPU tensor over its last dimension (f32/f64). `differentiable`: a
-/// backward pass that can itself be differentiated (slower; for second derivatives).
+/// backward pass that can itself be differentiated (for second derivatives).
 pub fn layer_norm(
     x: &Tensor,
     w: &Tensor,
@@ -1073,9 +1192,7 @@ impl AttentionBwd {
                         (uv, 1, r),
                         1.0,
                     );
-                    pb.iter_mut()
-                        .zip(dsb.iter())
-                        .for_each(|(a, b)| *a += *b);
+                    pb.iter_mut().zip(dsb.iter()).for_each(|(a, b)| *a += *b);
                     for (prow, row) in p.chunks(n).zip(pb.chunks_mut(n)) {
                         softmax_row_bwd(prow, row); // S̄
                     }
@@ -1153,10 +1270,10 @@ pub fn attention(qkv: &Tensor, heads: usize, n_query: usize, scale: f64) -> Resu
 /// from the bias rows, instead of a product, a broadcast add and, backward, a single-threaded
 /// sum over the broadcast rows.
 ///
-/// With `differentiable`, its backward pass is built from candle's ops instead (two products
-/// and a sum), so a gradient taken through it can be differentiated again: the form for the
+/// With `differentiable`, its three backward ops are recorded (each with a backward pass of
+/// its own), so a gradient taken through it can be differentiated again: the form for the
 /// thread that computes exact Hessian-vector products, where it replaces the six forward and
-/// about sixteen backward nodes of the primitive form with one and seven.
+/// about sixteen backward nodes of the primitive form with one and three.
 struct Linear {
     differentiable: bool,
 }
@@ -1243,15 +1360,11 @@ impl CustomOp3 for Linear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = grad.contiguous()?;
         if self.differentiable {
-            let (o, k) = w.dims2()?;
-            let g2 = g.reshape((g.elem_count() / o.max(1), o))?;
+            // Recorded, each with a backward pass of its own (see those).
             return Ok((
-                Some(g2.matmul(w)?.reshape(x.shape())?),
-                Some(
-                    g2.t()?
-                        .matmul(&x.reshape((x.elem_count() / k.max(1), k))?)?,
-                ),
-                Some(g2.sum(0)?),
+                Some(g.apply_op2(w, LinearBwd::Input)?),
+                Some(g.apply_op2(x, LinearBwd::Weight)?),
+                Some(g.apply_op1(ColumnSum)?),
             ));
         }
         Ok((
@@ -1260,6 +1373,18 @@ impl CustomOp3 for Linear {
             Some(g.apply_op1_no_bwd(&ColumnSum)?),
         ))
     }
+}
+
+/// a (..., K) · mᵀ for m (O, K): the linear layer's product without a bias.
+fn times_transpose(a: &Tensor, m: &Tensor) -> Result<Tensor> {
+    let zero = Tensor::zeros(m.dim(0)?, m.dtype(), m.device())?;
+    a.contiguous()?.apply_op3_no_bwd(
+        m,
+        &zero,
+        &Linear {
+            differentiable: false,
+        },
+    )
 }
 
 /// The products of a linear layer's backward pass, from the output gradient g (..., O), M rows:
@@ -1272,6 +1397,29 @@ enum LinearBwd {
 impl CustomOp2 for LinearBwd {
     fn name(&self) -> &'static str {
         "fused-linear-backward"
+    }
+
+    /// Both products are bilinear: for an incoming u, dx = g w gives ḡ = u wᵀ and w̄ = gᵀ u;
+    /// dw = gᵀ x gives ḡ = x uᵀ and x̄ = g u. Runs in the second backward pass of an exact
+    /// Hessian-vector product, which records no graph, so these need no backward of their own.
+    fn bwd(
+        &self,
+        g: &Tensor,
+        a: &Tensor,
+        _res: &Tensor,
+        u: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let u = u.contiguous()?;
+        Ok(match self {
+            LinearBwd::Input => (
+                Some(times_transpose(&u, a)?),
+                Some(g.apply_op2_no_bwd(&u, &LinearBwd::Weight)?),
+            ),
+            LinearBwd::Weight => (
+                Some(times_transpose(a, &u)?),
+                Some(g.apply_op2_no_bwd(&u, &LinearBwd::Input)?),
+            ),
+        })
     }
 
     fn cpu_fwd(
@@ -1328,6 +1476,11 @@ impl CustomOp1 for ColumnSum {
         "column-sum"
     }
 
+    /// Every row gets the incoming gradient.
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.broadcast_as(arg.shape())?))
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
         let (_, o) = as_matrix(l);
@@ -1352,7 +1505,7 @@ impl CustomOp1 for ColumnSum {
 
 /// Fused linear layer of a CPU (..., K) f32/f64 input: (..., O), without reshapes (whose
 /// backward passes would each be another pass over the gradient). `differentiable`: a
-/// backward pass that can itself be differentiated (slower; for second derivatives).
+/// backward pass that can itself be differentiated (for second derivatives).
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, differentiable: bool) -> Result<Tensor> {
     x.contiguous()?.apply_op3(
         &w.contiguous()?,

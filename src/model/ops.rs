@@ -3,17 +3,15 @@
 //! candle's fused `layer_norm` and `softmax_last_dim` carry no backward op (CANDLE.md): anything
 //! upstream of them silently gets no gradient. Every linear layer, normalisation, softmax and
 //! GELU of the model goes through this module, in one of two forms:
-//! - on the CPU, our fused kernels with fused backward kernels ([`super::fused`]): exact first
-//!   derivatives, one pass each way;
+//! - on the CPU, our fused kernels with fused backward kernels ([`super::fused`]), one pass
+//!   each way;
 //! - elsewhere (CUDA), the same functions built from primitive ops whose first and second
 //!   derivatives candle knows ([`primitive`]).
 //!
 //! On a thread that takes second derivatives (exact Hessian-vector products, see
 //! [`set_second_order`]) the backward passes must themselves be differentiable. There the
-//! layer norm and the linear layer are the fused ops with backward passes built from candle's
-//! ops; the softmax and GELU are the fused ops whose backward ops are recorded with backward
-//! passes of their own (the second backward pass of a product records nothing, so those need
-//! none); only the attention core keeps its primitive form (with the fused softmax).
+//! fused ops record their backward ops, which have backward passes of their own (the second
+//! backward pass of a product records nothing, so those need none): see [`super::fused`].
 
 use candle_core::{DType, Result, Tensor};
 
@@ -22,8 +20,7 @@ thread_local! {
 }
 
 /// Marks the calling thread as one whose gradients are differentiated again: from then on its
-/// attention cores are the primitive-op form, and its other ops the fused ones with
-/// differentiable backward passes (see the module's notes).
+/// fused ops record their backward ops (see the module's notes).
 pub fn set_second_order(on: bool) {
     SECOND_ORDER.with(|c| c.set(on));
 }
@@ -33,31 +30,24 @@ pub fn second_order() -> bool {
     SECOND_ORDER.with(|c| c.get())
 }
 
-/// Whether `x` is an f32/f64 CPU tensor, which the fused kernels take.
-fn cpu_float(x: &Tensor) -> bool {
+/// Whether the fused CPU kernels apply to `x`: an f32/f64 CPU tensor (on any thread).
+pub fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
-/// Whether the fused CPU kernels apply to `x` (an f32/f64 CPU tensor), on any thread.
-pub fn fused(x: &Tensor) -> bool {
-    cpu_float(x)
-}
-
 /// LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * w + b, biased variance as
-/// torch.nn.LayerNorm. Fused on the CPU, on a second-order thread too (with a backward pass
-/// built from candle's ops there).
+/// torch.nn.LayerNorm. Fused on the CPU, on a second-order thread too.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if cpu_float(x) {
+    if fused(x) {
         super::fused::layer_norm(x, weight, bias, eps, second_order())
     } else {
         primitive::layer_norm(x, weight, bias, eps)
     }
 }
 
-/// Softmax over the last dimension. Fused on the CPU, on a second-order thread too (its
-/// backward op has a backward of its own there).
+/// Softmax over the last dimension. Fused on the CPU, on a second-order thread too.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if cpu_float(x) {
+    if fused(x) {
         super::fused::softmax_last_dim(x)
     } else {
         primitive::softmax_last_dim(x)
@@ -65,9 +55,9 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Exact (erf) GELU, as torch.nn.GELU() in MAE; not the tanh approximation (`Tensor::gelu`).
-/// Fused on the CPU, on a second-order thread too (as the softmax).
+/// Fused on the CPU, on a second-order thread too.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if cpu_float(x) {
+    if fused(x) {
         super::fused::gelu_erf(x)
     } else {
         primitive::gelu(x)
@@ -79,8 +69,8 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, mm: Option<DType>) -> Result<Tensor> {
     match mm {
         Some(dt) if dt != x.dtype() => primitive::linear(x, weight, bias, mm),
-        // On the second-order thread too, with a backward pass built from candle's ops.
-        _ if cpu_float(x) => super::fused::linear(x, weight, bias, second_order()),
+        // On the second-order thread too, its backward ops recorded there.
+        _ if fused(x) => super::fused::linear(x, weight, bias, second_order()),
         _ => primitive::linear(x, weight, bias, None),
     }
 }
