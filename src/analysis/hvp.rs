@@ -360,11 +360,15 @@ fn flatten(ts: &[Tensor]) -> Result<Vec<f64>> {
     Ok(out)
 }
 
-/// Latches the calling thread, which must not have run a backward pass yet, into candle's
-/// default mode, which detaches: a backward pass there through a gradient's graph gives exact
-/// products (that graph is already built) without recording a third-order graph for every op
-/// of the pass, which kept each intermediate gradient alive and made a product several times
-/// slower and larger. Holds the lock only for the latch, so shards run their passes at once.
+/// Makes sure the calling thread's backward passes detach, candle's default: a backward pass
+/// there through a gradient's graph gives exact products (that graph is already built)
+/// without recording a third-order graph for every op of the pass, which kept each
+/// intermediate gradient alive and made a product several times slower and larger. A thread
+/// latches its mode at its first backward pass; this runs a trivial one under the lock, so
+/// [`with_second_order`] cannot have the variable set at that moment. (A rayon worker whose
+/// first pass was a training shard's latched then, without the lock; values are the same
+/// either way, only memory would differ.) The lock is held only for the latch, so shards run
+/// their passes at once.
 fn latch_detaching() -> Result<()> {
     let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
     let x = Var::new(1.0f32, &Device::Cpu)?;

@@ -108,6 +108,15 @@ mod tests {
     use crate::model::ParamStore;
     use candle_core::Device;
 
+    fn max_abs(t: &Tensor) -> f64 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
     /// Loss and gradients of the batch run whole, as one graph.
     fn unsplit(model: &Mae, imgs: &Tensor, mask: &Mask) -> (f64, GradStore) {
         let loss = model.forward(imgs, mask).unwrap().loss;
@@ -149,21 +158,7 @@ mod tests {
             let g = grads
                 .get(var.as_tensor())
                 .expect("sharded gradient missing");
-            let scale = w
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            let err = (g - w)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let (scale, err) = (max_abs(w), max_abs(&(g - w).unwrap()));
             assert!(
                 err <= 1e-12 * scale.max(1e-300),
                 "{name}: |diff| {err}, scale {scale}"
