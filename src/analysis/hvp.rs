@@ -427,8 +427,8 @@ pub fn with_second_order<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Resul
                      use --hvp fd"
                 );
             }
-            // Also makes the model use forms whose backward passes are differentiable here
-            // (the fused kernels' backward kernels are not): see ops::set_second_order.
+            // Also makes the fused ops record their backward ops here, so the gradients can
+            // be differentiated again: see ops::set_second_order.
             crate::model::ops::set_second_order(true);
             f()
         });

@@ -12,9 +12,8 @@
 //!
 //! Second derivatives (exact Hessian-vector products) differentiate a gradient again. On the
 //! thread that builds such a gradient ([`super::ops::set_second_order`]) every op here records
-//! its backward op in the graph (`differentiable` for the layer norm and the linear layer; the
-//! others ask [`super::ops::second_order`]), and each backward op has a backward pass of its
-//! own: hand-derived second-derivative kernels, each tested against the primitive forms'
+//! its backward op in the graph (each asks [`super::ops::second_order`] when its backward pass
+//! runs), and each backward op has a backward pass of its own: hand-derived second-derivative kernels, each tested against the primitive forms'
 //! double backward. Those run in a product's second backward pass, which records nothing, so
 //! no third derivative is needed.
 //! Sums over a row accumulate in f64 in both precisions.
@@ -140,13 +139,11 @@ macro_rules! by_dtype {
 
 /// (x - mean) / sqrt(var + eps) * w + b over the last dimension, biased variance.
 ///
-/// With `differentiable`, its backward op is recorded (with a backward pass of its own,
-/// [`LayerNormBwd2`]), so a gradient taken through it can be differentiated again: on the
-/// second-order thread it replaces the primitive form's 13 forward nodes and their backward
-/// graph.
+/// On the second-order thread its backward op is recorded (with a backward pass of its own,
+/// [`LayerNormBwd2`]), so a gradient taken through it can be differentiated again: there it
+/// replaces the primitive form's 13 forward nodes and their backward graph.
 struct LayerNorm {
     eps: f64,
-    differentiable: bool,
 }
 
 /// Mean and 1/sqrt(var + eps) of one row, accumulated in f64.
@@ -219,7 +216,7 @@ impl CustomOp3 for LayerNorm {
         // One pass: dx, then dw and db, packed in one flat buffer; recorded, with a backward
         // pass of its own, where the gradient is differentiated again.
         let (g, op) = (grad.contiguous()?, LayerNormBwd { eps: self.eps });
-        let packed = if self.differentiable {
+        let packed = if super::ops::second_order() {
             x.apply_op3(w, &g, op)?
         } else {
             x.apply_op3_no_bwd(w, &g, &op)?
@@ -435,23 +432,10 @@ impl CustomOp3 for LayerNormBwd2 {
     }
 }
 
-/// Fused layer norm of a CPU tensor over its last dimension (f32/f64). `differentiable`: a
-/// backward pass that can itself be differentiated (for second derivatives).
-pub fn layer_norm(
-    x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    eps: f64,
-    differentiable: bool,
-) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(
-        &w.contiguous()?,
-        &b.contiguous()?,
-        LayerNorm {
-            eps,
-            differentiable,
-        },
-    )
+/// Fused layer norm of a CPU tensor over its last dimension (f32/f64).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })
 }
 
 /// A backward op: recorded (with its own backward) on a thread that keeps gradient graphs,
@@ -1270,13 +1254,10 @@ pub fn attention(qkv: &Tensor, heads: usize, n_query: usize, scale: f64) -> Resu
 /// from the bias rows, instead of a product, a broadcast add and, backward, a single-threaded
 /// sum over the broadcast rows.
 ///
-/// With `differentiable`, its three backward ops are recorded (each with a backward pass of
-/// its own), so a gradient taken through it can be differentiated again: the form for the
-/// thread that computes exact Hessian-vector products, where it replaces the six forward and
-/// about sixteen backward nodes of the primitive form with one and three.
-struct Linear {
-    differentiable: bool,
-}
+/// On the second-order thread its three backward ops are recorded (each with a backward pass
+/// of its own), so a gradient taken through it can be differentiated again: there it replaces
+/// the six forward and about sixteen backward nodes of the primitive form with one and three.
+struct Linear;
 
 /// A layout as a matrix: (rows, last dimension).
 fn as_matrix(l: &Layout) -> (usize, usize) {
@@ -1359,18 +1340,15 @@ impl CustomOp3 for Linear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = grad.contiguous()?;
-        if self.differentiable {
-            // Recorded, each with a backward pass of its own (see those).
-            return Ok((
-                Some(g.apply_op2(w, LinearBwd::Input)?),
-                Some(g.apply_op2(x, LinearBwd::Weight)?),
-                Some(g.apply_op1(ColumnSum)?),
-            ));
-        }
+        let db = if super::ops::second_order() {
+            g.apply_op1(ColumnSum)?
+        } else {
+            g.apply_op1_no_bwd(&ColumnSum)?
+        };
         Ok((
-            Some(g.apply_op2_no_bwd(w, &LinearBwd::Input)?),
-            Some(g.apply_op2_no_bwd(x, &LinearBwd::Weight)?),
-            Some(g.apply_op1_no_bwd(&ColumnSum)?),
+            Some(recorded_on_second_order(&g, w, LinearBwd::Input)?),
+            Some(recorded_on_second_order(&g, x, LinearBwd::Weight)?),
+            Some(db),
         ))
     }
 }
@@ -1378,13 +1356,7 @@ impl CustomOp3 for Linear {
 /// a (..., K) · mᵀ for m (O, K): the linear layer's product without a bias.
 fn times_transpose(a: &Tensor, m: &Tensor) -> Result<Tensor> {
     let zero = Tensor::zeros(m.dim(0)?, m.dtype(), m.device())?;
-    a.contiguous()?.apply_op3_no_bwd(
-        m,
-        &zero,
-        &Linear {
-            differentiable: false,
-        },
-    )
+    a.contiguous()?.apply_op3_no_bwd(m, &zero, &Linear)
 }
 
 /// The products of a linear layer's backward pass, from the output gradient g (..., O), M rows:
@@ -1504,14 +1476,10 @@ impl CustomOp1 for ColumnSum {
 }
 
 /// Fused linear layer of a CPU (..., K) f32/f64 input: (..., O), without reshapes (whose
-/// backward passes would each be another pass over the gradient). `differentiable`: a
-/// backward pass that can itself be differentiated (for second derivatives).
-pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, differentiable: bool) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(
-        &w.contiguous()?,
-        &b.contiguous()?,
-        Linear { differentiable },
-    )
+/// backward passes would each be another pass over the gradient).
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
 }
 
 #[cfg(test)]
@@ -1603,7 +1571,7 @@ mod tests {
     fn layer_norm_and_its_gradients_match_the_primitive_form() {
         compare(
             "layer norm",
-            |x, w, b| layer_norm(x, w, b, 1e-6, false),
+            |x, w, b| layer_norm(x, w, b, 1e-6),
             |x, w, b| primitive::layer_norm(x, w, b, 1e-6),
         );
     }
@@ -1658,7 +1626,7 @@ mod tests {
                 let b = Var::from_tensor(&randn(&[o], seed + 2, dtype)).unwrap();
                 let r = randn(&[m, o], seed + 3, dtype);
                 let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
-                let ya = linear(xt, wt, bt, false).unwrap();
+                let ya = linear(xt, wt, bt).unwrap();
                 let yb = primitive::linear(xt, wt, bt, None).unwrap();
                 assert_eq!(ya.dims(), &[m, o]);
                 assert!(max_rel(&yb, &ya) < tol, "{dtype:?} {m}x{k}x{o}: value");

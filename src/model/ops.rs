@@ -39,7 +39,7 @@ pub fn fused(x: &Tensor) -> bool {
 /// torch.nn.LayerNorm. Fused on the CPU, on a second-order thread too.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if fused(x) {
-        super::fused::layer_norm(x, weight, bias, eps, second_order())
+        super::fused::layer_norm(x, weight, bias, eps)
     } else {
         primitive::layer_norm(x, weight, bias, eps)
     }
@@ -69,8 +69,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, mm: Option<DType>) -> Result<Tensor> {
     match mm {
         Some(dt) if dt != x.dtype() => primitive::linear(x, weight, bias, mm),
-        // On the second-order thread too, its backward ops recorded there.
-        _ if fused(x) => super::fused::linear(x, weight, bias, second_order()),
+        _ if fused(x) => super::fused::linear(x, weight, bias),
         _ => primitive::linear(x, weight, bias, None),
     }
 }
