@@ -6,12 +6,14 @@
 # for data. It writes gpu-check.md (the report) and gpu-check.log (every command's output)
 # into --out.
 #
-#   scripts/gpu-check.sh [--binary PATH] [--device cuda:0] [--out DIR] [--quick]
+#   scripts/gpu-check.sh [--binary PATH] [--device cuda:0] [--out DIR] [--budget S] [--quick]
 #
 #   --binary PATH  the mimscope built by scripts/build-cuda.sh     (default: .gpu/mimscope, or
 #                  unpacked from .gpu/mimscope.gz, the file to carry)
 #   --device DEV   the device under test                          (default: cuda:0)
 #   --out DIR      where the report and log go                    (default: gpu-check-out)
+#   --budget S     the whole check's seconds: each step's limit is cut to what is left, and
+#                  steps with under 10 s left are recorded as skipped (default: no limit)
 #   --quick        small sizes (`tiny` for the speed part, few steps): checks this script
 #                  itself, on a CPU with --device cpu, in seconds
 #
@@ -25,16 +27,21 @@ binary=.gpu/mimscope
 device=cuda:0
 out=gpu-check-out
 quick=0
+budget=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --binary) binary="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
+    --budget) budget="$2"; shift 2 ;;
     --quick) quick=1; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "gpu-check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
+case "$budget" in
+  ''|*[!0-9]*) echo "gpu-check.sh: --budget takes whole seconds, not '$budget'" >&2; exit 2 ;;
+esac
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 report="$out/gpu-check.md"
@@ -58,10 +65,20 @@ done
 export LD_BIND_NOW=1
 
 say() { echo "$*" | tee -a "$report"; }
-# step NAME LIMIT_S CMD...: runs CMD (output to the log and to $work/NAME.out) under a limit.
+# step NAME LIMIT_S CMD...: runs CMD (output to the log and to $work/NAME.out) under a limit,
+# cut to what is left of --budget; with under 10 s left it is skipped (exit status 124).
 step() {
   local name="$1" limit="$2"; shift 2
   echo "== $name: $*" >> "$log"
+  if [ "$budget" -gt 0 ]; then
+    local left=$(( budget - ($(date +%s) - started) ))
+    if [ $left -lt 10 ]; then
+      echo "skipped: the --budget of ${budget}s is spent" | tee "$work/$name.out" >> "$log"
+      echo 124 > "$work/$name.rc"
+      return 124
+    fi
+    [ $left -lt "$limit" ] && limit=$left
+  fi
   local t0=$(date +%s.%N)
   timeout "$limit" "$@" > "$work/$name.out" 2>&1
   local rc=$?

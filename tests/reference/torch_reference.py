@@ -227,7 +227,7 @@ class MaskedAutoencoderViT(nn.Module):
         ids_shuffle = torch.argsort(noise, dim=1)  # ascend: small is keep, large is remove
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :len_keep]  # trap: visible tokens in noise order, not spatial
-        mask = torch.ones([N, L], dtype=noise.dtype)
+        mask = torch.ones([N, L], dtype=noise.dtype, device=noise.device)
         mask[:, :len_keep] = 0
         mask = torch.gather(mask, dim=1, index=ids_restore)  # 0 keep, 1 remove
         return ids_shuffle, ids_restore, ids_keep, mask
