@@ -30,6 +30,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
+use super::hessian::{add_multiple, dot};
 use crate::model::{Mae, Mask, ParamStore};
 use crate::train::optim::DecayRule;
 use crate::train::step::{shard_ranges, shards};
@@ -164,7 +165,7 @@ impl<'a> Objective<'a> {
         }
         let dev = self.device();
         self.vars
-            .iter()
+            .par_iter()
             .enumerate()
             .map(|(i, var)| {
                 let part = v[self.offsets[i]..self.offsets[i + 1]].to_vec();
@@ -179,9 +180,8 @@ impl<'a> Objective<'a> {
     fn decay_term(&self, v: &[f64], out: &mut [f64]) {
         for (i, &wd) in self.decay.iter().enumerate() {
             if wd != 0.0 {
-                for j in self.offsets[i]..self.offsets[i + 1] {
-                    out[j] += wd * v[j];
-                }
+                let part = self.offsets[i]..self.offsets[i + 1];
+                add_multiple(&mut out[part.clone()], wd, &v[part]);
             }
         }
     }
@@ -209,7 +209,7 @@ impl<'a> Objective<'a> {
         for (imgs, mask, w) in &self.chunks {
             let grads = self.model.forward(imgs, mask)?.loss.backward()?;
             let parts = self.collect(&grads)?;
-            add_scaled(&mut g, &flatten(&parts)?, *w);
+            add_multiple(&mut g, *w, &flatten(&parts)?);
         }
         self.decay_term(theta, &mut g);
         Ok(g)
@@ -246,7 +246,7 @@ impl<'a> Objective<'a> {
                 for (var, t) in self.vars.iter().zip(self.unflatten(&shifted)?) {
                     var.set(&t)?;
                 }
-                add_scaled(&mut out, &self.gradient_at(&shifted)?, sign / (2.0 * eps));
+                add_multiple(&mut out, sign / (2.0 * eps), &self.gradient_at(&shifted)?);
             }
             Ok(out)
         })();
@@ -296,7 +296,7 @@ impl<'a> Objective<'a> {
                 })
                 .collect();
             for (hv, (_, share)) in products.into_iter().zip(&shards) {
-                add_scaled(&mut out, &hv?, w * share);
+                add_multiple(&mut out, w * share, &hv?);
             }
         }
         self.decay_term(v, &mut out);
@@ -341,14 +341,6 @@ impl<'a> Objective<'a> {
             HvpMethod::FiniteDifference { eps } => self.hvp_finite_difference(v, eps),
         }
     }
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn add_scaled(acc: &mut [f64], x: &[f64], w: f64) {
-    acc.iter_mut().zip(x).for_each(|(a, b)| *a += w * b);
 }
 
 /// Tensors concatenated into one flat f64 vector.
