@@ -37,42 +37,22 @@ while [ $# -gt 0 ]; do
     *) echo "gpu-compare.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-case "$budget" in
-  ''|*[!0-9]*) echo "gpu-compare.sh: --budget takes whole seconds, not '$budget'" >&2; exit 2 ;;
-esac
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"
+. scripts/gpu-lib.sh
+gpu_setup gpu-compare.sh
 report="$out/gpu-compare.md"
 log="$out/gpu-compare.log"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-if [ ! -x "$binary" ] && [ -f "$binary.gz" ]; then
-  gunzip -c "$binary.gz" > "$work/mimscope" && chmod +x "$work/mimscope" && binary="$work/mimscope"
-fi
-if [ ! -x "$binary" ]; then
-  echo "gpu-compare.sh: no mimscope binary at $binary (build it with scripts/build-cuda.sh)" >&2
-  exit 2
-fi
-for lib in /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib; do
-  [ -d "$lib" ] && export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-done
 : > "$log"
 : > "$report"
-started=$(date +%s)
 
 say() { echo "$*" | tee -a "$report"; }
 # run NAME CMD...: CMD's output to the log and $work/NAME.out, unless the budget is spent.
 run() {
   local name="$1"; shift
   echo "== $name: $*" >> "$log"
-  if [ "$budget" -gt 0 ] && [ $(( budget - ($(date +%s) - started) )) -lt 15 ]; then
+  local limit
+  if ! limit=$(budget_limit 300 15); then
     echo "skipped: the --budget of ${budget}s is spent" | tee "$work/$name.out" >> "$log"
     return 124
-  fi
-  local limit=300
-  if [ "$budget" -gt 0 ]; then
-    local left=$(( budget - ($(date +%s) - started) ))
-    [ $left -lt $limit ] && limit=$left
   fi
   timeout "$limit" "$@" > "$work/$name.out" 2>&1
   local rc=$?
@@ -81,6 +61,8 @@ run() {
   return $rc
 }
 value() { grep -m1 "^$2=" "$work/$1.out" 2>/dev/null | cut -d= -f2- ; }
+# outcome NAME: "skipped" or "failed", for a run that printed no figures.
+outcome() { grep -q '^skipped: ' "$work/$1.out" 2>/dev/null && echo skipped || echo failed; }
 gib() { [ -n "${1:-}" ] && awk -v b="$1" 'BEGIN { printf "%.1f", b / 1073741824 }'; }
 ratio() { [ -n "${1:-}" ] && [ -n "${2:-}" ] && awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
@@ -102,7 +84,7 @@ for prec in f32 bf16; do
     run "$t" "$python" benches/torch_reference.py --device cuda --preset base --model mae \
       --precision $prec --batch-size $b --iters 5 --parts train,forward
     mi=$(value "$m" train_images_per_s); ti=$(value "$t" train_images_per_s)
-    say "| $prec | $b | ${mi:-failed} | ${ti:-failed} | $(ratio "$mi" "$ti") | $(gib "$(value "$m" train_memory_peak_bytes)") | $(gib "$(value "$t" train_memory_peak_bytes)") | $(value "$m" forward_images_per_s) | $(value "$t" forward_images_per_s) |"
+    say "| $prec | $b | ${mi:-$(outcome "$m")} | ${ti:-$(outcome "$t")} | $(ratio "$mi" "$ti") | $(gib "$(value "$m" train_memory_peak_bytes)") | $(gib "$(value "$t" train_memory_peak_bytes)") | $(value "$m" forward_images_per_s) | $(value "$t" forward_images_per_s) |"
   done
 done
 say ""
