@@ -89,3 +89,59 @@ fn mff_gradients_match_finite_differences() {
 fn mff_attention_gradients_match_finite_differences() {
     check("mffattn");
 }
+
+/// candle's backward pass through the accumulation sites that vendor/candle-core patches (see
+/// vendor/README.md): a transposed first contribution (stored made contiguous, then used by a
+/// matrix product's backward), a subtraction's right-hand side as a tensor's first
+/// contribution (stored negated), a broadcast, and a tensor with three consumers. Against the
+/// gradient derived by hand: L = sum(Wᵀ Xᵀ ⊙ C) + sum((d - X) ⊙ X) + sum((X - Z) ⊙ C'), so
+/// dL/dW[j,k] = Σ_i C[k,i] X[i,j], dL/dX[i,j] = Σ_k C[k,i] W[j,k] + d[j] - 2 X[i,j] + C'[i,j]
+/// and dL/dZ = -C' (Z's only gradient comes from a subtraction's right-hand side).
+#[test]
+fn backward_accumulation_matches_the_hand_derived_gradient() {
+    let dev = Device::Cpu;
+    let (n, m, p) = (2, 3, 4);
+    let xs: Vec<f64> = (0..n * m).map(|i| 0.5 + 0.25 * i as f64).collect();
+    let ws: Vec<f64> = (0..m * p).map(|i| 1.0 - 0.125 * i as f64).collect();
+    let cs: Vec<f64> = (0..p * n).map(|i| (i as f64 - 3.0) * 0.75).collect();
+    let ds = [2.0, -1.0, 0.5];
+    let x = Var::from_tensor(&Tensor::from_vec(xs.clone(), (n, m), &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::from_vec(ws.clone(), (m, p), &dev).unwrap()).unwrap();
+    let c = Tensor::from_vec(cs.clone(), (p, n), &dev).unwrap();
+    let d = Tensor::from_vec(ds.to_vec(), m, &dev).unwrap();
+    let (xt, wt) = (x.as_tensor(), w.as_tensor());
+    let u = wt.t().unwrap().matmul(&xt.t().unwrap()).unwrap(); // (p, n)
+    let l1 = (&u * &c).unwrap().sum_all().unwrap();
+    let s = d.broadcast_as((n, m)).unwrap().sub(xt).unwrap();
+    let l2 = (&s * xt).unwrap().sum_all().unwrap();
+    let z = Var::from_tensor(&Tensor::ones((n, m), DType::F64, &dev).unwrap()).unwrap();
+    let c2s: Vec<f64> = (0..n * m).map(|i| 0.5 * i as f64 - 1.0).collect();
+    let c2 = Tensor::from_vec(c2s.clone(), (n, m), &dev).unwrap();
+    let l3 = (xt.sub(z.as_tensor()).unwrap() * &c2)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = (l1 + l2 + l3).unwrap().backward().unwrap();
+    let (gx, gw) = (grads.get(xt).unwrap(), grads.get(wt).unwrap());
+    assert!(gx.is_contiguous() && gw.is_contiguous());
+    let (gx, gw) = (to_vec(gx), to_vec(gw));
+    let gz = to_vec(grads.get(z.as_tensor()).unwrap());
+    assert!(gz.iter().zip(&c2s).all(|(g, c)| *g == -c), "dL/dZ {gz:?}");
+    for j in 0..m {
+        for k in 0..p {
+            let want: f64 = (0..n).map(|i| cs[k * n + i] * xs[i * m + j]).sum();
+            assert_eq!(gw[j * p + k], want, "dL/dW[{j},{k}]");
+        }
+    }
+    for i in 0..n {
+        for j in 0..m {
+            let mm: f64 = (0..p).map(|k| cs[k * n + i] * ws[j * p + k]).sum();
+            let want = mm + ds[j] - 2.0 * xs[i * m + j] + c2s[i * m + j];
+            assert!(
+                (gx[i * m + j] - want).abs() < 1e-12,
+                "dL/dX[{i},{j}]: {} vs {want}",
+                gx[i * m + j]
+            );
+        }
+    }
+}
