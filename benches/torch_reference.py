@@ -20,7 +20,7 @@ same machine, at the same time of day:
   python benches/torch_reference.py --threads 2
   mimscope bench --parts train,forward,spectrum,hvp,power --hvp-batch 64
 
-On a GPU (the baseline for `scripts/gpu-check.sh`'s speed table), for example
+On a GPU (`scripts/gpu-compare.sh` runs it beside `mimscope bench`), for example
 
   python benches/torch_reference.py --device cuda --preset base --model mae \
       --precision bf16 --batch-size 256 --parts train,forward
