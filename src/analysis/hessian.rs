@@ -66,9 +66,33 @@ pub fn add_multiple(x: &mut [f64], c: f64, u: &[f64]) {
         .for_each(|(x, u)| x.iter_mut().zip(u).for_each(|(x, u)| *x += c * u));
 }
 
+/// (<a, b>, <a, a>) in one pass over the vectors, each sum exactly as [`dot`] takes it.
+fn dot_and_square(a: &[f64], b: &[f64]) -> (f64, f64) {
+    assert_eq!(a.len(), b.len(), "dot of vectors of different lengths");
+    let partial: Vec<(f64, f64)> = a
+        .par_chunks(BLOCK)
+        .zip(b.par_chunks(BLOCK))
+        .map(|(x, y)| {
+            let ab = x.iter().zip(y).map(|(x, y)| x * y).sum();
+            let aa = x.iter().map(|x| x * x).sum();
+            (ab, aa)
+        })
+        .collect();
+    (
+        partial.iter().map(|p| p.0).sum(),
+        partial.iter().map(|p| p.1).sum(),
+    )
+}
+
 /// v / (||v|| + 1e-6), PyHessian's `normalization`.
-pub fn normalized(mut v: Vec<f64>) -> Vec<f64> {
-    let n = dot(&v, &v).sqrt() + 1e-6;
+pub fn normalized(v: Vec<f64>) -> Vec<f64> {
+    let square = dot(&v, &v);
+    normalized_by(v, square)
+}
+
+/// v / (sqrt(square) + 1e-6) for `square` = <v, v>: [`normalized`] with the sum already taken.
+fn normalized_by(mut v: Vec<f64>, square: f64) -> Vec<f64> {
+    let n = square.sqrt() + 1e-6;
     v.par_chunks_mut(BLOCK)
         .for_each(|v| v.iter_mut().for_each(|x| *x /= n));
     v
@@ -116,8 +140,8 @@ pub fn top_eigen(
             v = orthonormalized(v, &found);
             let hv = hvp(&v)?;
             iterations += 1;
-            let lambda = dot(&hv, &v);
-            v = normalized(hv);
+            let (lambda, square) = dot_and_square(&hv, &v);
+            v = normalized_by(hv, square);
             let prev = value.replace(lambda);
             if let Some(p) = prev {
                 if (p - lambda).abs() / (p.abs() + 1e-6) < settings.tol {
@@ -241,11 +265,22 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            pool.install(|| (dot(&a, &b), normalized(a.clone())))
+            pool.install(|| {
+                (
+                    dot(&a, &b),
+                    normalized(a.clone()),
+                    dot_and_square(&a, &b),
+                    dot(&a, &a),
+                )
+            })
         };
-        let ((d1, v1), (d3, v3)) = (on(1), on(3));
+        let ((d1, v1, both1, sq1), (d3, v3, both3, _)) = (on(1), on(3));
         assert_eq!(d1.to_bits(), d3.to_bits());
         assert!(v1.iter().zip(&v3).all(|(x, y)| x.to_bits() == y.to_bits()));
+        // The fused pass of the power iteration takes both sums exactly as the two dots do.
+        for (ab, aa) in [both1, both3] {
+            assert_eq!((ab.to_bits(), aa.to_bits()), (d1.to_bits(), sq1.to_bits()));
+        }
         let naive: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         assert!((d1 - naive).abs() < 1e-9 * n as f64, "{d1} against {naive}");
     }

@@ -164,15 +164,21 @@ impl<'a> Objective<'a> {
             bail!("vector of {} values for {} parameters", v.len(), self.len());
         }
         let dev = self.device();
+        let dtype = self.dtype();
         self.vars
             .par_iter()
             .enumerate()
             .map(|(i, var)| {
-                let part = v[self.offsets[i]..self.offsets[i + 1]].to_vec();
-                Ok(
-                    Tensor::from_vec(part, var.as_tensor().shape(), &dev)?
-                        .to_dtype(self.dtype())?,
-                )
+                let part = &v[self.offsets[i]..self.offsets[i + 1]];
+                let shape = var.as_tensor().shape();
+                // One pass straight to the parameters' type where it is f32 (rounding as
+                // to_dtype does).
+                Ok(if dtype == DType::F32 {
+                    let part: Vec<f32> = part.iter().map(|&x| x as f32).collect();
+                    Tensor::from_vec(part, shape, &dev)?
+                } else {
+                    Tensor::from_vec(part.to_vec(), shape, &dev)?.to_dtype(dtype)?
+                })
             })
             .collect()
     }
@@ -284,23 +290,47 @@ impl<'a> Objective<'a> {
             drop(cache);
             // The shards' backward passes through their own graphs at once, on rayon's pool
             // (whose threads detach), so the products and kernels inside share its workers.
-            let products: Vec<Result<Vec<f64>>> = shards
+            let products: Vec<Result<Vec<Tensor>>> = shards
                 .par_iter()
                 .map(|(g, _)| {
                     latch_detaching()?;
                     let mut gv = Tensor::zeros((), self.dtype(), &self.device())?;
                     for (gi, vi) in g.iter().zip(&vt) {
-                        gv = (gv + (gi * vi)?.sum_all()?)?;
+                        gv = (gv + crate::model::ops::directional(gi, vi)?)?;
                     }
-                    flatten(&self.collect(&gv.backward()?)?)
+                    self.collect(&gv.backward()?)
                 })
                 .collect();
-            for (hv, (_, share)) in products.into_iter().zip(&shards) {
-                add_multiple(&mut out, w * share, &hv?);
-            }
+            let products = products.into_iter().collect::<Result<Vec<_>>>()?;
+            let weights: Vec<f64> = shards.iter().map(|(_, share)| w * share).collect();
+            self.add_products(&mut out, &weights, &products)?;
         }
         self.decay_term(v, &mut out);
         Ok(out)
+    }
+
+    /// out += Σ_s weights[s] · products[s] (each a list of tensors shaped like the parameters),
+    /// the shards added in order for every value, parameters in parallel: one pass over the
+    /// products, read where they lie.
+    fn add_products(
+        &self,
+        out: &mut [f64],
+        weights: &[f64],
+        products: &[Vec<Tensor>],
+    ) -> Result<()> {
+        let mut parts: Vec<(usize, &mut [f64])> = Vec::with_capacity(self.vars.len());
+        let mut rest = out;
+        for i in 0..self.vars.len() {
+            let (part, tail) = rest.split_at_mut(self.offsets[i + 1] - self.offsets[i]);
+            parts.push((i, part));
+            rest = tail;
+        }
+        parts.into_par_iter().try_for_each(|(i, part)| {
+            for (c, product) in weights.iter().zip(products) {
+                add_scaled(part, *c, &product[i])?;
+            }
+            Ok(())
+        })
     }
 
     /// The gradient of the loss on `imgs` with `mask`, its graph kept, as one gradient per
@@ -341,6 +371,40 @@ impl<'a> Objective<'a> {
             HvpMethod::FiniteDifference { eps } => self.hvp_finite_difference(v, eps),
         }
     }
+}
+
+/// out += c · t for a tensor `t` of out's length (any shape), read in place when it is a
+/// contiguous f32/f64 CPU tensor.
+fn add_scaled(out: &mut [f64], c: f64, t: &Tensor) -> Result<()> {
+    if t.elem_count() != out.len() {
+        bail!("{} values for a part of {}", t.elem_count(), out.len());
+    }
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            match cpu {
+                candle_core::CpuStorage::F32(x) => {
+                    add_each(out, &x[a..b], |x| c * x as f64);
+                    return Ok(());
+                }
+                candle_core::CpuStorage::F64(x) => {
+                    add_each(out, &x[a..b], |x| c * x);
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+    }
+    let x = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    add_each(out, &x, |x| c * x);
+    Ok(())
+}
+
+/// out[i] += f(x[i]).
+fn add_each<T: Copy>(out: &mut [f64], x: &[T], f: impl Fn(T) -> f64) {
+    out.iter_mut().zip(x).for_each(|(o, &x)| *o += f(x));
 }
 
 /// Tensors concatenated into one flat f64 vector.

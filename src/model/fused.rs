@@ -69,6 +69,18 @@ impl Float for f32 {
         let (cdf, pdf) = normal_f32(self);
         cdf + self * pdf
     }
+    /// φ(x) (2 - x²) in f32, branch-free so it vectorises (zero where φ(x) < 1e-35, as in
+    /// [`normal_f32`], so no subnormals arise).
+    #[inline(always)]
+    fn gelu_grad2(self) -> Self {
+        let h = 0.5 * self * self;
+        let e = if h > 81.0 {
+            0.0
+        } else {
+            exp_nonpositive_f32(-h)
+        };
+        e * FRAC_1_SQRT_2PI as f32 * (2.0 - self * self)
+    }
 }
 
 impl Float for f64 {
@@ -650,6 +662,29 @@ fn vectorised<T: Float>(out: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T +
     each(out, a, b, f)
 }
 
+/// out[i] = f(out[i], a[i]), compiled for AVX2 as [`vectorised`].
+#[inline(always)]
+fn vectorised_in_place<T: Float>(out: &mut [T], a: &[T], f: impl Fn(T, T) -> T + Copy) {
+    #[inline(always)]
+    fn each<T: Float>(out: &mut [T], a: &[T], f: impl Fn(T, T) -> T) {
+        for (o, &x) in out.iter_mut().zip(a) {
+            *o = f(*o, x);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2<T: Float>(out: &mut [T], a: &[T], f: impl Fn(T, T) -> T) {
+            each(out, a, f)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked above.
+            return unsafe { avx2(out, a, f) };
+        }
+    }
+    each(out, a, f)
+}
+
 /// e^y for f32 y ≤ 0, branch-free so it vectorises: 2^n e^r with |r| ≤ ln 2 / 2 and Cephes'
 /// degree-6 expf polynomial; results below e^-87 are not needed here (clamped).
 #[inline(always)]
@@ -753,9 +788,8 @@ impl CustomOp3 for GeluBwdDx {
                 .zip(x.par_chunks(CHUNK))
                 .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
                 .for_each(|((o, xs), (gs, us))| {
-                    for (((o, x), g), u) in o.iter_mut().zip(xs).zip(gs).zip(us) {
-                        *o = *u * *g * x.gelu_grad2();
-                    }
+                    vectorised(o, gs, us, |g, u| u * g);
+                    vectorised_in_place(o, xs, |gu, x| gu * x.gelu_grad2());
                 });
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
@@ -1353,10 +1387,78 @@ impl CustomOp3 for Linear {
     }
 }
 
-/// a (..., K) · mᵀ for m (O, K): the linear layer's product without a bias.
+/// a (..., K) · mᵀ for m (O, K): the linear layer's product without a bias (in a product's
+/// second backward pass, which records nothing).
 fn times_transpose(a: &Tensor, m: &Tensor) -> Result<Tensor> {
-    let zero = Tensor::zeros(m.dim(0)?, m.dtype(), m.device())?;
-    a.contiguous()?.apply_op3_no_bwd(m, &zero, &Linear)
+    a.contiguous()?
+        .apply_op2_no_bwd(&m.contiguous()?, &TimesTranspose)
+}
+
+/// a (..., K) · mᵀ for m (O, K), see [`times_transpose`].
+struct TimesTranspose;
+
+impl CustomOp2 for TimesTranspose {
+    fn name(&self) -> &'static str {
+        "times-transpose"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sa: &CpuStorage,
+        la: &Layout,
+        sm: &CpuStorage,
+        lm: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let ((rows, k), (o, km)) = (as_matrix(la), as_matrix(lm));
+        if lm.dims().len() != 2 || k != km {
+            bail!(
+                "{name}: {:?} times the transpose of {:?}",
+                la.dims(),
+                lm.dims()
+            );
+        }
+        by_dtype!(sa, name, |T| {
+            let (a, m) = (slice::<T>(sa, la, name)?, slice::<T>(sm, lm, name)?);
+            // SAFETY: a is rows x k, m is o x k (read as its transpose); out is rows x o.
+            let out = unsafe {
+                gemm_output(rows * o, k, |out| {
+                    gemm_into(
+                        (rows, o, k),
+                        (out, o, 1),
+                        (a.as_ptr(), k, 1),
+                        (m.as_ptr(), 1, k),
+                        1.0,
+                        false,
+                        all_cores(),
+                    )
+                })
+            };
+            Ok((T::to_cpu_storage_owned(out), with_last(la.dims(), o)))
+        })
+    }
+}
+
+/// A fresh buffer of `len` values that `product` fills completely: a gemm that does not read
+/// its destination, with inner dimension `inner`. No zero-filling first (a pass over the
+/// output that the product overwrites); with `inner` 0 gemm multiplies nothing, so the buffer
+/// is zero-filled then.
+///
+/// # Safety
+/// `product`, given the buffer's pointer, must write all `len` values when `inner` > 0.
+unsafe fn gemm_output<T: Float>(len: usize, inner: usize, product: impl FnOnce(*mut T)) -> Vec<T> {
+    if inner == 0 {
+        let mut out = vec![T::f(0.0); len];
+        product(out.as_mut_ptr());
+        return out;
+    }
+    let mut out: Vec<std::mem::MaybeUninit<T>> = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit values need no initialisation.
+    unsafe { out.set_len(len) };
+    product(out.as_mut_ptr().cast());
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: every value was written (the caller's promise); MaybeUninit<T> has T's layout.
+    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast(), out.len(), out.capacity()) }
 }
 
 /// The products of a linear layer's backward pass, from the output gradient g (..., O), M rows:
@@ -1415,24 +1517,25 @@ impl CustomOp2 for LinearBwd {
         };
         by_dtype!(sg, name, |T| {
             let (g, a) = (slice::<T>(sg, lg, name)?, slice::<T>(s2, l2, name)?);
-            let mut out = vec![T::f(0.0); rows * k];
             // g as m x o, or read as its transpose o x m.
             let (lhs, inner) = match self {
                 LinearBwd::Input => ((g.as_ptr(), o, 1), o),
                 LinearBwd::Weight => ((g.as_ptr(), 1, o), m),
             };
             // SAFETY: the strides describe g and the row-major operand a (inner x k) exactly;
-            // out is fresh.
-            unsafe {
-                gemm_into(
-                    (rows, k, inner),
-                    (out.as_mut_ptr(), k, 1),
-                    lhs,
-                    (a.as_ptr(), k, 1),
-                    1.0,
-                    false,
-                    all_cores(),
-                )
+            // out is fresh, rows x k, and the product writes all of it.
+            let out = unsafe {
+                gemm_output(rows * k, inner, |out| {
+                    gemm_into(
+                        (rows, k, inner),
+                        (out, k, 1),
+                        lhs,
+                        (a.as_ptr(), k, 1),
+                        1.0,
+                        false,
+                        all_cores(),
+                    )
+                })
             };
             Ok((T::to_cpu_storage_owned(out), shape))
         })
@@ -1480,6 +1583,72 @@ impl CustomOp1 for ColumnSum {
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+}
+
+// ------------------------------------------------------------------------------------------
+// Directional derivative of a gradient
+// ------------------------------------------------------------------------------------------
+
+/// <g, v> for a gradient g (its graph kept) and a fixed direction v of the same shape: the
+/// scalar whose backward pass gives H v. As (g · v).sum_all() it was three passes over every
+/// parameter more than needed (the product forward; backward, the sum's gradient broadcast
+/// into a filled tensor and the product's gradient g · ones): here the backward pass hands v
+/// itself on to g, unscaled when the incoming gradient is 1 (as it is from the sum of these).
+struct Directional;
+
+impl CustomOp2 for Directional {
+    fn name(&self) -> &'static str {
+        "directional-derivative"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sg: &CpuStorage,
+        lg: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        if lg.dims() != lv.dims() {
+            bail!(
+                "{name}: gradient {:?}, direction {:?}",
+                lg.dims(),
+                lv.dims()
+            );
+        }
+        by_dtype!(sg, name, |T| {
+            let (g, v) = (slice::<T>(sg, lg, name)?, slice::<T>(sv, lv, name)?);
+            let partial: Vec<Vec<f64>> = g
+                .par_chunks(CHUNK)
+                .zip(v.par_chunks(CHUNK))
+                .map(|(g, v)| vec![g.iter().zip(v).map(|(a, b)| a.d() * b.d()).sum()])
+                .collect();
+            let total = T::f(in_block_order(&partial, 1)[0]);
+            Ok((T::to_cpu_storage_owned(vec![total]), Shape::from(())))
+        })
+    }
+
+    fn bwd(
+        &self,
+        _g: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let scale = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let dg = if scale == 1.0 {
+            v.clone()
+        } else {
+            v.affine(scale, 0.0)?
+        };
+        Ok((Some(dg), None))
+    }
+}
+
+/// <g, v> (a scalar) of two CPU f32/f64 tensors of one shape, differentiable in g (see
+/// [`Directional`]).
+pub fn directional(g: &Tensor, v: &Tensor) -> Result<Tensor> {
+    g.contiguous()?.apply_op2(&v.contiguous()?, Directional)
 }
 
 #[cfg(test)]
@@ -1739,6 +1908,53 @@ mod tests {
         for (x, g) in [0.7f64, -1.3, 3.1].iter().zip(&got) {
             let phi = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
             assert!((g - phi * (2.0 - x * x)).abs() < 1e-12, "{x}: {g}");
+        }
+    }
+
+    #[test]
+    fn f32_gelu_second_derivative_matches_the_f64_formula() {
+        // The vectorised f32 form of φ(x) (2 - x²) against the f64 one, out to the tails
+        // where it is cut to zero (no subnormals, which are slow on x86).
+        for i in -1500..=1500 {
+            let x = i as f32 / 100.0;
+            let (got, want) = (x.gelu_grad2() as f64, (x as f64).gelu_grad2());
+            assert!((got - want).abs() < 3e-7, "{x}: {got} against {want}");
+            assert!(
+                got == 0.0 || got.abs() >= f32::MIN_POSITIVE as f64,
+                "{x}: {got}"
+            );
+        }
+        // GELU''(0) = 2 φ(0) = 2 / √(2π); GELU''(√2) = 0.
+        assert!((0f32.gelu_grad2() - 0.797_884_6).abs() < 1e-7);
+        assert!(std::f32::consts::SQRT_2.gelu_grad2().abs() < 1e-7);
+    }
+
+    #[test]
+    fn directional_is_the_dot_product_and_hands_the_direction_back() {
+        for dtype in [DType::F32, DType::F64] {
+            let g = Var::from_tensor(&randn(&[3, 70_000], 90, dtype)).unwrap();
+            let v = randn(&[3, 70_000], 91, dtype);
+            let d = directional(g.as_tensor(), &v).unwrap();
+            let want: f64 = (g.as_tensor().to_dtype(DType::F64).unwrap()
+                * v.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+            let got = d.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            assert!(
+                (got - want).abs() < 1e-6 * want.abs(),
+                "{dtype:?}: {got} vs {want}"
+            );
+            // Through the sum of two such terms the incoming gradient is 1: v itself comes
+            // back; scaled by 3, 3 v.
+            let two = (d.clone() + directional(g.as_tensor(), &v).unwrap()).unwrap();
+            let dg = two.backward().unwrap().get(g.as_tensor()).unwrap().clone();
+            assert_eq!(max_rel(&dg, &(&v * 2.0).unwrap()), 0.0);
+            let dg = (d * 3.0).unwrap().backward().unwrap();
+            let dg = dg.get(g.as_tensor()).unwrap();
+            assert!(max_rel(dg, &(&v * 3.0).unwrap()) < 1e-15);
         }
     }
 

@@ -74,6 +74,17 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, mm: Option<DType>) -> 
     }
 }
 
+/// <g, v> summed over all elements, a scalar differentiable in `g` whose backward pass hands
+/// `v` on to `g` (the seed of a Hessian-vector product's second backward pass). Fused on the
+/// CPU; elsewhere (g · v).sum_all().
+pub fn directional(g: &Tensor, v: &Tensor) -> Result<Tensor> {
+    if fused(g) && g.dtype() == v.dtype() {
+        super::fused::directional(g, v)
+    } else {
+        (g * v)?.sum_all()
+    }
+}
+
 /// The forms built from candle's primitive ops (differentiable twice).
 pub mod primitive {
     use candle_core::{DType, Result, Tensor, D};
