@@ -1621,7 +1621,7 @@ impl CustomOp2 for Directional {
             let partial: Vec<Vec<f64>> = g
                 .par_chunks(CHUNK)
                 .zip(v.par_chunks(CHUNK))
-                .map(|(g, v)| vec![g.iter().zip(v).map(|(a, b)| a.d() * b.d()).sum()])
+                .map(|(g, v)| vec![dot_f64(g, v)])
                 .collect();
             let total = T::f(in_block_order(&partial, 1)[0]);
             Ok((T::to_cpu_storage_owned(vec![total]), Shape::from(())))
@@ -1643,6 +1643,40 @@ impl CustomOp2 for Directional {
         };
         Ok((Some(dg), None))
     }
+}
+
+/// Σ a b in f64, in 8 interleaved partial sums (so the loop vectorises; AVX2 where the CPU
+/// has it), added in a fixed order.
+fn dot_f64<T: Float>(a: &[T], b: &[T]) -> f64 {
+    #[inline(always)]
+    fn each<T: Float>(a: &[T], b: &[T]) -> f64 {
+        let mut acc = [0.0f64; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let tail: f64 = ca
+            .remainder()
+            .iter()
+            .zip(cb.remainder())
+            .map(|(x, y)| x.d() * y.d())
+            .sum();
+        for (x, y) in ca.zip(cb) {
+            for i in 0..8 {
+                acc[i] += x[i].d() * y[i].d();
+            }
+        }
+        acc.iter().sum::<f64>() + tail
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2<T: Float>(a: &[T], b: &[T]) -> f64 {
+            each(a, b)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked above.
+            return unsafe { avx2(a, b) };
+        }
+    }
+    each(a, b)
 }
 
 /// <g, v> (a scalar) of two CPU f32/f64 tensors of one shape, differentiable in g (see
