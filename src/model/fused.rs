@@ -2,7 +2,7 @@
 //! products: layer norm over the last dimension, softmax over the last dimension, exact (erf)
 //! GELU, the linear layer (product and bias in one op), and the attention core (scores, softmax
 //! and the weighted sum per head, read from and written to the projections' layouts without
-//! permuted copies).
+//! permuted copies); and the seed <g, v> of a Hessian-vector product's second backward pass.
 //!
 //! Built from candle's primitive ops, a layer norm is 8 kernels forward and about 20 backward,
 //! each allocating a tensor and streaming memory: on the CPU those and their page faults, not
