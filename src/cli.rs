@@ -608,7 +608,7 @@ pub struct ReproduceArgs {
     /// Image folder; default: the bundled photos.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Work multiplier: training steps and Hessian batches scale with it (1 = about 10
+    /// Work multiplier: training steps and Hessian batches scale with it (1 = about 2
     /// minutes on a 2-core CPU).
     #[arg(long, default_value_t = 1.0)]
     pub budget: f64,
