@@ -505,6 +505,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn add_scaled_reads_every_layout() {
+        // Contiguous f32, a contiguous view at an offset (rows 1..3 of 4), a transposed
+        // (strided) view and f64: each adds c · t in row-major order of t's shape.
+        let m = Tensor::arange(0f32, 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((4, 3))
+            .unwrap();
+        let cases = [
+            (m.clone(), (0..12).map(|i| i as f64).collect::<Vec<_>>()),
+            (
+                m.narrow(0, 1, 2).unwrap(),
+                (3..9).map(|i| i as f64).collect(),
+            ),
+            (
+                m.t().unwrap(),
+                vec![0., 3., 6., 9., 1., 4., 7., 10., 2., 5., 8., 11.],
+            ),
+            (
+                m.to_dtype(DType::F64).unwrap(),
+                (0..12).map(|i| i as f64).collect(),
+            ),
+        ];
+        for (t, want) in cases {
+            let mut out = vec![1.0; want.len()];
+            add_scaled(&mut out, 0.5, &t).unwrap();
+            let want: Vec<f64> = want.iter().map(|w| 1.0 + 0.5 * w).collect();
+            assert_eq!(out, want, "{:?} {:?}", t.dims(), t.stride());
+        }
+        assert!(add_scaled(&mut [0.0; 5], 1.0, &m).is_err());
+    }
+
+    #[test]
     fn second_order_is_confined_to_its_thread() {
         assert_eq!(with_second_order(second_derivative_probe).unwrap(), 27.0);
         // A thread started afterwards detaches as usual (candle's default). The lock keeps a
