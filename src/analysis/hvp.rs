@@ -214,8 +214,7 @@ impl<'a> Objective<'a> {
         let mut g = vec![0.0; self.len()];
         for (imgs, mask, w) in &self.chunks {
             let grads = self.model.forward(imgs, mask)?.loss.backward()?;
-            let parts = self.collect(&grads)?;
-            add_multiple(&mut g, *w, &flatten(&parts)?);
+            self.add_products(&mut g, &[*w], &[self.collect(&grads)?])?;
         }
         self.decay_term(theta, &mut g);
         Ok(g)
@@ -309,8 +308,8 @@ impl<'a> Objective<'a> {
         Ok(out)
     }
 
-    /// out += Σ_s weights[s] · products[s] (each a list of tensors shaped like the parameters),
-    /// the shards added in order for every value, parameters in parallel: one pass over the
+    /// out += Σ_s weights[s] · products[s] (each a list of tensors shaped like the parameters,
+    /// a shard's product or a gradient), the shards added in order for every value, parameters in parallel: one pass over the
     /// products, read where they lie.
     fn add_products(
         &self,

@@ -1380,8 +1380,8 @@ impl CustomOp3 for Linear {
             g.apply_op1_no_bwd(&ColumnSum)?
         };
         Ok((
-            Some(recorded_on_second_order(&g, w, LinearBwd::Input)?),
-            Some(recorded_on_second_order(&g, x, LinearBwd::Weight)?),
+            Some(recorded_on_second_order(&g, w, LinearProduct::Input)?),
+            Some(recorded_on_second_order(&g, x, LinearProduct::Weight)?),
             Some(db),
         ))
     }
@@ -1391,52 +1391,7 @@ impl CustomOp3 for Linear {
 /// second backward pass, which records nothing).
 fn times_transpose(a: &Tensor, m: &Tensor) -> Result<Tensor> {
     a.contiguous()?
-        .apply_op2_no_bwd(&m.contiguous()?, &TimesTranspose)
-}
-
-/// a (..., K) · mᵀ for m (O, K), see [`times_transpose`].
-struct TimesTranspose;
-
-impl CustomOp2 for TimesTranspose {
-    fn name(&self) -> &'static str {
-        "times-transpose"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sa: &CpuStorage,
-        la: &Layout,
-        sm: &CpuStorage,
-        lm: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let ((rows, k), (o, km)) = (as_matrix(la), as_matrix(lm));
-        if lm.dims().len() != 2 || k != km {
-            bail!(
-                "{name}: {:?} times the transpose of {:?}",
-                la.dims(),
-                lm.dims()
-            );
-        }
-        by_dtype!(sa, name, |T| {
-            let (a, m) = (slice::<T>(sa, la, name)?, slice::<T>(sm, lm, name)?);
-            // SAFETY: a is rows x k, m is o x k (read as its transpose); out is rows x o.
-            let out = unsafe {
-                gemm_output(rows * o, k, |out| {
-                    gemm_into(
-                        (rows, o, k),
-                        (out, o, 1),
-                        (a.as_ptr(), k, 1),
-                        (m.as_ptr(), 1, k),
-                        1.0,
-                        false,
-                        all_cores(),
-                    )
-                })
-            };
-            Ok((T::to_cpu_storage_owned(out), with_last(la.dims(), o)))
-        })
-    }
+        .apply_op2_no_bwd(&m.contiguous()?, &LinearProduct::Output)
 }
 
 /// A fresh buffer of `len` values that `product` fills completely: a gemm that does not read
@@ -1461,16 +1416,19 @@ unsafe fn gemm_output<T: Float>(len: usize, inner: usize, product: impl FnOnce(*
     unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast(), out.len(), out.capacity()) }
 }
 
-/// The products of a linear layer's backward pass, from the output gradient g (..., O), M rows:
-/// dx = g · w (..., K) and dw = gᵀ · x (O, K).
-enum LinearBwd {
+/// The products of a linear layer without its bias, each of its first operand with the second:
+/// its backward pass's, from the output gradient g (..., O), M rows, dx = g · w (..., K) and
+/// dw = gᵀ · x (O, K); and the forward's, x (..., K) · wᵀ (..., O) for w (O, K), which the
+/// second backward pass of those two needs ([`times_transpose`]).
+enum LinearProduct {
     Input,
     Weight,
+    Output,
 }
 
-impl CustomOp2 for LinearBwd {
+impl CustomOp2 for LinearProduct {
     fn name(&self) -> &'static str {
-        "fused-linear-backward"
+        "fused-linear-product"
     }
 
     /// Both products are bilinear: for an incoming u, dx = g w gives ḡ = u wᵀ and w̄ = gᵀ u;
@@ -1485,14 +1443,18 @@ impl CustomOp2 for LinearBwd {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let u = u.contiguous()?;
         Ok(match self {
-            LinearBwd::Input => (
+            LinearProduct::Input => (
                 Some(times_transpose(&u, a)?),
-                Some(g.apply_op2_no_bwd(&u, &LinearBwd::Weight)?),
+                Some(g.apply_op2_no_bwd(&u, &LinearProduct::Weight)?),
             ),
-            LinearBwd::Weight => (
+            LinearProduct::Weight => (
                 Some(times_transpose(a, &u)?),
-                Some(g.apply_op2_no_bwd(&u, &LinearBwd::Input)?),
+                Some(g.apply_op2_no_bwd(&u, &LinearProduct::Input)?),
             ),
+            // Applied only in that second pass, where nothing is recorded.
+            LinearProduct::Output => {
+                bail!("{}: the forward's product has no backward op", self.name())
+            }
         })
     }
 
@@ -1507,8 +1469,11 @@ impl CustomOp2 for LinearBwd {
         let (m, o) = as_matrix(lg);
         let (r, c) = as_matrix(l2);
         let (rows, k, shape) = match self {
-            LinearBwd::Input if r == o => (m, c, with_last(lg.dims(), c)),
-            LinearBwd::Weight if r == m => (o, c, Shape::from((o, c))),
+            LinearProduct::Input if r == o => (m, c, with_last(lg.dims(), c)),
+            LinearProduct::Weight if r == m => (o, c, Shape::from((o, c))),
+            LinearProduct::Output if c == o && l2.dims().len() == 2 => {
+                (m, r, with_last(lg.dims(), r))
+            }
             _ => bail!(
                 "{name}: gradient {:?} and operand {:?}",
                 lg.dims(),
@@ -1517,20 +1482,22 @@ impl CustomOp2 for LinearBwd {
         };
         by_dtype!(sg, name, |T| {
             let (g, a) = (slice::<T>(sg, lg, name)?, slice::<T>(s2, l2, name)?);
-            // g as m x o, or read as its transpose o x m.
-            let (lhs, inner) = match self {
-                LinearBwd::Input => ((g.as_ptr(), o, 1), o),
-                LinearBwd::Weight => ((g.as_ptr(), 1, o), m),
+            // g as m x o, or read as its transpose o x m; a as inner x k, or (Output, a is
+            // k x inner) read as its transpose.
+            let (lhs, inner, rhs) = match self {
+                LinearProduct::Input => ((g.as_ptr(), o, 1), o, (a.as_ptr(), k, 1)),
+                LinearProduct::Weight => ((g.as_ptr(), 1, o), m, (a.as_ptr(), k, 1)),
+                LinearProduct::Output => ((g.as_ptr(), o, 1), o, (a.as_ptr(), 1, o)),
             };
-            // SAFETY: the strides describe g and the row-major operand a (inner x k) exactly;
-            // out is fresh, rows x k, and the product writes all of it.
+            // SAFETY: the strides describe the row-major g and a exactly; out is fresh, rows x
+            // k, and the product writes all of it.
             let out = unsafe {
                 gemm_output(rows * k, inner, |out| {
                     gemm_into(
                         (rows, k, inner),
                         (out, k, 1),
                         lhs,
-                        (a.as_ptr(), k, 1),
+                        rhs,
                         1.0,
                         false,
                         all_cores(),
