@@ -11,14 +11,14 @@
 //! names, no stored config) through [`crate::convert::import`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
-use crate::convert::{self, ModelOverrides};
+use crate::convert;
+pub use crate::convert::ModelOverrides;
 use crate::model::{Mae, ParamStore};
 
 /// Metadata key of the model config JSON.
@@ -29,33 +29,6 @@ pub const CONFIG_KEY: &str = "config";
 pub struct TensorFile {
     pub tensors: BTreeMap<String, Tensor>,
     pub metadata: HashMap<String, String>,
-}
-
-/// Writes `bytes` to `path` atomically: temporary file in the same folder, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)
-        .with_context(|| format!("creating {} (is the folder writable?)", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.sync_all()
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 /// Saves tensors (converted to contiguous CPU f32) with metadata, atomically.
@@ -77,7 +50,7 @@ pub fn save_tensors(
         .collect::<candle_core::Result<_>>()?;
     let bytes = safetensors::serialize(cpu.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
         .with_context(|| format!("serialising {}", path.display()))?;
-    write_atomic(path, &bytes)
+    crate::output::write_atomic(path, &bytes)
 }
 
 /// Reads a safetensors file; every tensor is converted to `dtype` on `device`.

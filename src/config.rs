@@ -295,9 +295,9 @@ impl ModelConfig {
     }
 }
 
-/// A model small enough for unit tests: 16 px, patch 4, width 32, 2 blocks; norm_pix_loss on.
-#[cfg(test)]
-pub(crate) fn test_config() -> ModelConfig {
+/// The one model config the tests use (unit and integration): 16 px, patch 4, width 32,
+/// 2 blocks; norm_pix_loss on. Tests that need another shape override fields of it.
+pub fn test_config() -> ModelConfig {
     ModelConfig {
         img_size: 16,
         patch_size: 4,

@@ -249,7 +249,7 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
     let rows = figure_rows(&rec, cfg.patch_size)?;
     figures::reconstruction_figure(&out.join("reconstruction.png"), &rows, &caption)?;
     let csv = losses_csv(&ds.paths()[..n], &rec.per_image_loss);
-    checkpoint::write_atomic(&out.join("losses.csv"), csv.as_bytes())?;
+    crate::output::write_atomic(&out.join("losses.csv"), csv.as_bytes())?;
     let meta = HashMap::from([
         (
             "checkpoint".to_string(),

@@ -7,7 +7,8 @@ use candle_core::{DType, Device};
 
 use crate::analysis::checkpoint_labels;
 use crate::analysis::fusion::{weights_csv, weights_table, CheckpointWeights, Trajectory};
-use crate::checkpoint::{load_encoder, write_atomic};
+use crate::checkpoint::load_encoder;
+use crate::output::write_atomic;
 use crate::convert::ModelOverrides;
 use crate::figures::charts::{save, FusionBars, FusionTrajectory};
 use crate::train::FUSION_FILE;

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::analysis::fusion::CheckpointWeights;
 use crate::analysis::spectrum::Curve;
-use crate::checkpoint::write_atomic;
+use crate::output::write_atomic;
 use crate::cli::{Command, ReproduceArgs};
 use crate::figures::charts::median;
 use crate::train::{FINAL_FILE, METRICS_FILE};

@@ -13,7 +13,7 @@ use plotters::prelude::*;
 use super::{register_font, write_png, FAMILY};
 use crate::analysis::fusion::{CheckpointWeights, Trajectory};
 use crate::analysis::spectrum::Curve;
-use crate::checkpoint::write_atomic;
+use crate::output::write_atomic;
 
 /// Series colours (matplotlib's tab10), one per checkpoint.
 const TAB10: [RGBColor; 10] = [

@@ -17,7 +17,7 @@ use plotters::backend::RGBPixel;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::checkpoint::write_atomic;
+use crate::output::write_atomic;
 
 /// The embedded font (DejaVu licence in `assets/fonts/LICENSE-DejaVu.txt`).
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");

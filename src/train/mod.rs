@@ -21,7 +21,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::checkpoint::{self, checkpoint_paths, latest_checkpoint, write_atomic};
+use crate::checkpoint::{self, checkpoint_paths, latest_checkpoint};
+use crate::output::write_atomic;
 use crate::config::{TrainConfig, TrainPrecision};
 use crate::data::Dataset;
 use crate::model::{Mae, Mask};

@@ -27,29 +27,7 @@ pub fn to_vec(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
-/// Asserts |a - e| <= atol + rtol |e| elementwise; on failure reports the worst element.
-pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, rtol: f64, atol: f64) {
-    assert_eq!(actual.dims(), expected.dims(), "{what}: shape");
-    let (a, e) = (to_vec(actual), to_vec(expected));
-    let mut worst: Option<(usize, f64)> = None;
-    for (i, (x, y)) in a.iter().zip(&e).enumerate() {
-        let excess = (x - y).abs() - (atol + rtol * y.abs());
-        if (excess.is_nan() || excess > 0.0) && worst.is_none_or(|(_, w)| excess > w) {
-            worst = Some((i, excess));
-        }
-    }
-    if let Some((i, _)) = worst {
-        let max_abs = a
-            .iter()
-            .zip(&e)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
-        panic!(
-            "{what}: element {i} is {} but expected {} (rtol {rtol}, atol {atol}); max |diff| {max_abs:.3e}",
-            a[i], e[i]
-        );
-    }
-}
+pub use mimscope::compare::assert_close;
 
 /// Writes `n` small random-ish RGB PNGs of `w` x `h` into `dir`.
 pub fn write_pngs(dir: &Path, n: usize, w: u32, h: u32) {
