@@ -14,6 +14,7 @@ pub mod convert;
 pub mod data;
 pub mod figures;
 pub mod inspect;
+pub mod kernels;
 pub mod memory;
 pub mod model;
 pub mod output;

@@ -4,16 +4,15 @@
 //!
 //! Two ways to multiply by the Hessian:
 //! - exact, by double backward: the gradient is built with its graph kept, and the gradient of
-//!   <g, v> is H v. candle keeps gradient graphs only on a thread that latched
-//!   `CANDLE_GRAD_DO_NOT_DETACH` at its first backward pass (CANDLE.md), so exact products run
-//!   inside [`with_second_order`], and nowhere else;
+//!   <g, v> is H v. candle keeps gradient graphs only on a thread whose switch is on, so exact
+//!   products run inside [`with_second_order`] (`kernels::second_order`), and nowhere else;
 //! - central finite differences of two gradients, (g(θ + εv) - g(θ - εv)) / 2ε, which needs no
 //!   switch and checks the exact products.
 //!
 //! With one micro-batch, exact products reuse the gradient graph built by the first product
 //! (each product is then one extra backward pass); with several, each product rebuilds them.
 //! On the CPU each micro-batch is cut into shards as a training batch is
-//! ([`crate::train::step`]): their gradient graphs are built in parallel, each on a
+//! ([`crate::kernels::shards`]): their gradient graphs are built in parallel, each on a
 //! graph-keeping thread of its own, and their products taken in parallel on rayon's pool
 //! (whose threads detach), then added in shard order.
 //!
@@ -26,14 +25,17 @@
 
 use std::sync::Mutex;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
 use super::hessian::{add_multiple, dot};
+use crate::kernels::second_order::second_order;
+/// Exact products run inside it (kept here for the callers that name it through this module).
+pub use crate::kernels::second_order::with_second_order;
+use crate::kernels::{directional, shard_ranges, shards};
 use crate::model::{Mae, Mask, ParamStore};
 use crate::train::optim::DecayRule;
-use crate::train::step::{shard_ranges, shards};
 
 /// How Hessian-vector products are computed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -265,7 +267,7 @@ impl<'a> Objective<'a> {
 
     /// H v by double backward. Must run inside [`with_second_order`]; fails otherwise.
     pub fn hvp_exact(&self, v: &[f64]) -> Result<Vec<f64>> {
-        if !second_order_enabled() {
+        if !second_order() {
             bail!(
                 "exact Hessian-vector products must run inside with_second_order (this thread \
                  detaches gradient graphs)"
@@ -292,10 +294,9 @@ impl<'a> Objective<'a> {
             let products: Vec<Result<Vec<Tensor>>> = shards
                 .par_iter()
                 .map(|(g, _)| {
-                    latch_detaching()?;
                     let mut gv = Tensor::zeros((), self.dtype(), &self.device())?;
                     for (gi, vi) in g.iter().zip(&vt) {
-                        gv = (gv + crate::model::ops::directional(gi, vi)?)?;
+                        gv = (gv + directional(gi, vi)?)?;
                     }
                     self.collect(&gv.backward()?)
                 })
@@ -415,90 +416,6 @@ fn flatten(ts: &[Tensor]) -> Result<Vec<f64>> {
     Ok(out)
 }
 
-/// Makes sure the calling thread's backward passes detach, candle's default: a backward pass
-/// there through a gradient's graph gives exact products (that graph is already built)
-/// without recording a third-order graph for every op of the pass, which kept each
-/// intermediate gradient alive and made a product several times slower and larger. A thread
-/// latches its mode at its first backward pass; this runs a trivial one under the lock, so
-/// [`with_second_order`] cannot have the variable set at that moment. (A rayon worker whose
-/// first pass was a training shard's latched then, without the lock; values are the same
-/// either way, only memory would differ.) The lock is held only for the latch, so shards run
-/// their passes at once.
-fn latch_detaching() -> Result<()> {
-    let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
-    let x = Var::new(1.0f32, &Device::Cpu)?;
-    x.as_tensor().sqr()?.backward()?;
-    Ok(())
-}
-
-/// The variable candle's backward pass reads once per thread (candle-core backprop.rs).
-const DO_NOT_DETACH: &str = "CANDLE_GRAD_DO_NOT_DETACH";
-
-/// d²(x⁴)/dx² at x = 1.5 by double backward, with x⁴ as ((x·x)·x)·x: 27 when this thread keeps
-/// gradient graphs, 15.75 when it detaches them (the detached partial gradients drop terms).
-/// Running it latches the calling thread's mode.
-fn second_derivative_probe() -> Result<f64> {
-    let x = Var::new(1.5f64, &Device::Cpu)?;
-    let t = x.as_tensor();
-    let y = ((t * t)? * t)?.mul(t)?;
-    let g = y.backward()?;
-    let dx = g.get(x.as_tensor()).context("probe: no gradient")?.clone();
-    let g2 = dx.backward()?;
-    Ok(g2
-        .get(x.as_tensor())
-        .map(|t| t.to_scalar::<f64>())
-        .transpose()?
-        .unwrap_or(0.0))
-}
-
-/// Held while the variable is set, so no two callers interleave their set and restore.
-static ENV: Mutex<()> = Mutex::new(());
-
-/// Set only on the thread [`with_second_order`] starts, after its probe passed.
-fn second_order_enabled() -> bool {
-    crate::model::ops::second_order()
-}
-
-/// Runs `f` on a fresh thread whose backward passes keep their graphs, so double backward gives
-/// exact second derivatives.
-///
-/// candle reads `CANDLE_GRAD_DO_NOT_DETACH` once per thread, at that thread's first backward
-/// pass. So: set the variable, start a thread, make it run a first backward (the probe, which
-/// also checks the result: 27, not 15.75), then put the variable back as it was. Only that thread
-/// keeps graphs; every other thread (training included) is unaffected, which a test checks.
-pub fn with_second_order<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    std::thread::scope(|s| {
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
-        let previous = std::env::var_os(DO_NOT_DETACH);
-        std::env::set_var(DO_NOT_DETACH, "1");
-        let worker = s.spawn(move || -> Result<T> {
-            let probe = second_derivative_probe();
-            let _ = tx.send(());
-            let value = probe?;
-            if (value - 27.0).abs() > 1e-9 {
-                bail!(
-                    "second-order gradients are unavailable (probe gave {value}, expected 27); \
-                     use --hvp fd"
-                );
-            }
-            // Also makes the fused ops record their backward ops here, so the gradients can
-            // be differentiated again: see ops::set_second_order.
-            crate::model::ops::set_second_order(true);
-            f()
-        });
-        let _ = rx.recv();
-        match previous {
-            Some(v) => std::env::set_var(DO_NOT_DETACH, v),
-            None => std::env::remove_var(DO_NOT_DETACH),
-        }
-        drop(guard);
-        worker
-            .join()
-            .map_err(|_| anyhow::anyhow!("the Hessian worker thread panicked"))?
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,19 +450,5 @@ mod tests {
             assert_eq!(out, want, "{:?} {:?}", t.dims(), t.stride());
         }
         assert!(add_scaled(&mut [0.0; 5], 1.0, &m).is_err());
-    }
-
-    #[test]
-    fn second_order_is_confined_to_its_thread() {
-        assert_eq!(with_second_order(second_derivative_probe).unwrap(), 27.0);
-        // A thread started afterwards detaches as usual (candle's default). The lock keeps a
-        // concurrent test's with_second_order from setting the variable meanwhile.
-        let other = {
-            let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
-            std::thread::spawn(second_derivative_probe).join().unwrap()
-        };
-        assert_eq!(other.unwrap(), 15.75);
-        // And exact products refuse to run outside.
-        assert!(!second_order_enabled());
     }
 }

@@ -14,9 +14,9 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::ops;
 use super::vit::{Attention, Linear};
 use crate::config::{Fusion as FusionKind, ModelConfig, Projection};
+use crate::kernels as ops;
 
 /// One shallow layer's projection.
 #[derive(Debug, Clone)]

@@ -4,11 +4,9 @@
 //! p patch size, L = (H/p)(W/p) patches, K visible patches, N tokens (1 + K or 1 + L),
 //! D encoder width, Dd decoder width, P = p*p*C patch length.
 
-pub mod fused;
 pub mod fusion;
 pub mod mae;
 pub mod masking;
-pub mod ops;
 pub mod params;
 pub mod pos_embed;
 pub mod vit;

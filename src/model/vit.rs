@@ -6,8 +6,8 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::ops;
 use super::params::xavier;
+use crate::kernels as ops;
 
 /// LayerNorm eps used by MAE everywhere (`partial(nn.LayerNorm, eps=1e-6)`).
 pub const LN_EPS: f64 = 1e-6;
@@ -96,29 +96,10 @@ impl Attention {
     /// Attention in which only the last `n_query` tokens ask (every token is a key and value);
     /// `n_query = N` is ordinary self-attention. (B, N, D) -> (B, n_query, D).
     pub fn forward_last(&self, x: &Tensor, n_query: usize) -> Result<Tensor> {
-        let (b, n, dim) = x.dims3()?;
-        let h = self.num_heads;
-        let hd = dim / h;
+        let hd = x.dim(2)? / self.num_heads;
+        let scale = (hd as f64).powf(-0.5);
         let qkv = self.qkv.forward(x)?; // B N 3D
-        if self.mm.is_none() && ops::fused(&qkv) {
-            // One kernel per (image, head), reading q, k, v in place.
-            let y = super::fused::attention(&qkv, h, n_query, (hd as f64).powf(-0.5))?;
-            return self.proj.forward(&y);
-        }
-        let qkv = qkv.reshape((b, n, 3, h, hd))?.permute((2, 0, 3, 1, 4))?; // 3 B H N d
-        let q = qkv.get(0)?.narrow(2, n - n_query, n_query)?.contiguous()?; // B H Nq d
-        let k = qkv.get(1)?.contiguous()?; // B H N d
-        let v = qkv.get(2)?.contiguous()?; // B H N d
-        let dt = x.dtype();
-        let scores = ops::lowp(&(q * (hd as f64).powf(-0.5))?, self.mm)?
-            .matmul(&ops::lowp(&k, self.mm)?.t()?)?
-            .to_dtype(dt)?; // B H Nq N
-        let attn = ops::softmax_last_dim(&scores)?;
-        let y = ops::lowp(&attn, self.mm)?
-            .matmul(&ops::lowp(&v, self.mm)?)? // B H Nq d
-            .to_dtype(dt)?
-            .transpose(1, 2)? // B Nq H d
-            .reshape((b, n_query, dim))?;
+        let y = ops::attention(&qkv, self.num_heads, n_query, scale, self.mm)?; // B Nq D
         self.proj.forward(&y)
     }
 }

@@ -4,7 +4,8 @@
 //! waited (a tiny training step kept 1.56-1.66 of 2 cores busy). MAE's loss couples the images
 //! of a batch only through its mean: every image has the same number of removed patches, so
 //! the batch loss is the mean of the per-image losses, and a shard of n of B images contributes
-//! n/B of its own loss and gradient. So on the CPU the batch is cut into [`CPU_SHARDS`] shards,
+//! n/B of its own loss and gradient. So on the CPU the batch is cut into
+//! [`crate::kernels::CPU_SHARDS`] shards,
 //! each run forward and backward on its own thread of rayon's pool (the matrix products and
 //! fused kernels inside share the pool), and their gradients are added in shard order.
 //!
@@ -16,33 +17,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
+use crate::kernels::{shard_ranges, shards};
 use crate::model::{Mae, Mask};
-
-/// Shards of a CPU training batch (fewer when the batch is smaller).
-pub const CPU_SHARDS: usize = 2;
-
-/// How many shards a batch of `batch` images on `device` is cut into.
-pub fn shards(batch: usize, device: &candle_core::Device) -> usize {
-    if device.is_cpu() {
-        CPU_SHARDS.clamp(1, batch.max(1))
-    } else {
-        1
-    }
-}
-
-/// `(start, len)` of each of `shards` near-equal, consecutive shards of `batch` images.
-pub fn shard_ranges(batch: usize, shards: usize) -> Vec<(usize, usize)> {
-    let (base, extra) = (batch / shards, batch % shards);
-    let mut start = 0;
-    (0..shards)
-        .map(|i| {
-            let n = base + usize::from(i < extra);
-            let r = (start, n);
-            start += n;
-            r
-        })
-        .collect()
-}
 
 /// The masked-reconstruction loss of `model` on `imgs` (B, C, H, W) with `mask` (B rows) and
 /// its gradients: the loss as f64, and a store with the gradient of every parameter it depends
@@ -104,6 +80,7 @@ fn add_grads(mut acc: GradStore, other: GradStore) -> Result<GradStore> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::CPU_SHARDS;
 
     use crate::model::ParamStore;
     use candle_core::Device;

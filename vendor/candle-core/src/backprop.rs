@@ -17,14 +17,31 @@ fn broadcast_back(arg: &Tensor, node: &Tensor, reduced_dims: &[usize]) -> Result
 }
 
 thread_local! {
-    static CANDLE_GRAD_DO_NOT_DETACH: bool = {
-        match std::env::var("CANDLE_GRAD_DO_NOT_DETACH") {
+    // Patched (see vendor/README.md): a switch the program can set per thread, initialised
+    // from the environment variable as upstream reads it.
+    static CANDLE_GRAD_DO_NOT_DETACH: std::cell::Cell<bool> = {
+        std::cell::Cell::new(match std::env::var("CANDLE_GRAD_DO_NOT_DETACH") {
             Ok(s) => {
                 !s.is_empty() && s != "0"
             },
             Err(_) => false,
-        }
+        })
     }
+}
+
+/// Patched (see vendor/README.md): makes the calling thread's backward passes keep (`true`)
+/// or detach (`false`) the gradient graphs they build, and returns the previous setting.
+/// Kept graphs can be differentiated again (double backward, exact second derivatives).
+/// Upstream offers this only through the `CANDLE_GRAD_DO_NOT_DETACH` environment variable,
+/// read once per thread; the variable still sets each thread's initial value.
+pub fn set_keep_graphs(keep: bool) -> bool {
+    CANDLE_GRAD_DO_NOT_DETACH.with(|c| c.replace(keep))
+}
+
+/// Patched (see vendor/README.md): whether the calling thread's backward passes keep their
+/// gradient graphs (see [`set_keep_graphs`]).
+pub fn keeps_graphs() -> bool {
+    CANDLE_GRAD_DO_NOT_DETACH.with(|c| c.get())
 }
 
 impl Tensor {
@@ -178,7 +195,7 @@ impl Tensor {
             // do not have to allocate too often. Here we just call `.detach` to avoid computing
             // the backprop graph of the backprop itself. This would be an issue for second order
             // derivatives but these are out of scope at the moment.
-            let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
+            let do_not_detach = keeps_graphs();
             let grad = if do_not_detach { grad } else { grad.detach() };
             if let Some(op) = node.op() {
                 match op {
@@ -772,7 +789,7 @@ impl GradStore {
                 Entry::Occupied(mut entry) => {
                     let new_grad = entry.get().add(&grad)?;
 
-                    let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
+                    let do_not_detach = keeps_graphs();
                     let new_grad = if do_not_detach {
                         new_grad
                     } else {
