@@ -18,6 +18,7 @@
 //! Invariants: only this module looks at a tensor's device to pick a kernel; second
 //! derivatives are taken only inside [`second_order::with_second_order`].
 
+mod adamw;
 mod attention;
 pub mod check;
 mod cpu;
@@ -31,6 +32,8 @@ pub mod second_order;
 mod softmax;
 #[cfg(test)]
 mod tests;
+
+pub use adamw::{adamw_update, AdamWStep};
 
 use candle_core::{DType, Device, Result, Tensor};
 

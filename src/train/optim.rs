@@ -8,11 +8,9 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{
-    backprop::GradStore, bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor,
-    Var,
-};
-use rayon::prelude::*;
+use candle_core::{backprop::GradStore, Result, Tensor, Var};
+
+use crate::kernels::{adamw_update, AdamWStep};
 
 /// The parameters excluded from weight decay, as a printed rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,8 +103,7 @@ impl AdamW {
     /// One update at learning rate `lr`. A parameter without a gradient is left alone (as
     /// torch does for `grad is None`).
     ///
-    /// On the CPU the parameters and moments are updated in place, one pass per tensor and no
-    /// allocation (but for a gradient that arrives strided); elsewhere with tensor ops.
+    /// The update itself is [`adamw_update`] (in place on the CPU, tensor ops elsewhere).
     pub fn apply(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
@@ -116,49 +113,20 @@ impl AdamW {
             let Some(g) = grads.get(s.var.as_tensor()) else {
                 continue;
             };
-            let p = s.var.as_tensor();
-            if p.device().is_cpu() && matches!(p.dtype(), DType::F32 | DType::F64) {
-                let g = g.contiguous()?;
-                s.m.inplace_op2(
-                    &g,
-                    &Moment {
-                        beta: self.beta1,
-                        square: false,
-                    },
-                )?;
-                s.v.inplace_op2(
-                    &g,
-                    &Moment {
-                        beta: self.beta2,
-                        square: true,
-                    },
-                )?;
-                let decay = if s.decay && self.weight_decay != 0.0 {
-                    1.0 - lr * self.weight_decay
-                } else {
-                    1.0
-                };
-                p.inplace_op3(
-                    &s.m,
-                    &s.v,
-                    &Update {
-                        decay,
-                        rate: lr / bc1,
-                        bc2_sqrt: bc2.sqrt(),
-                        eps: self.eps,
-                    },
-                )?;
-                continue;
-            }
-            let mut p = s.var.as_tensor().detach();
-            if s.decay && self.weight_decay != 0.0 {
-                p = (p * (1.0 - lr * self.weight_decay))?;
-            }
-            s.m = ((&s.m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
-            s.v = ((&s.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let denom = ((s.v.sqrt()? / bc2.sqrt())? + self.eps)?;
-            let update = (s.m.div(&denom)? * (lr / bc1))?;
-            s.var.set(&(p - update)?)?;
+            let decay = if s.decay && self.weight_decay != 0.0 {
+                1.0 - lr * self.weight_decay
+            } else {
+                1.0
+            };
+            let step = AdamWStep {
+                beta1: self.beta1,
+                beta2: self.beta2,
+                decay,
+                rate: lr / bc1,
+                bc2_sqrt: bc2.sqrt(),
+                eps: self.eps,
+            };
+            adamw_update(&s.var, &mut s.m, &mut s.v, g, &step)?;
         }
         Ok(())
     }
@@ -203,114 +171,10 @@ impl AdamW {
     }
 }
 
-/// Elements per parallel chunk of the in-place updates.
-const CHUNK: usize = 1 << 15;
-
-/// The contiguous range of a layout.
-fn range(l: &Layout) -> Result<std::ops::Range<usize>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(a..b),
-        None => bail!("adamw: expects contiguous tensors"),
-    }
-}
-
-/// m <- beta m + (1 - beta) g, or with g² for the second moment; in place.
-struct Moment {
-    beta: f64,
-    square: bool,
-}
-
-impl InplaceOp2 for Moment {
-    fn name(&self) -> &'static str {
-        "adamw-moment"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dl: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<()> {
-        let (dr, gr) = (range(dl)?, range(gl)?);
-        let square = self.square;
-        macro_rules! run {
-            ($t:ty, $m:expr, $g:expr) => {{
-                let (b, c) = (self.beta as $t, (1.0 - self.beta) as $t);
-                $m[dr]
-                    .par_chunks_mut(CHUNK)
-                    .zip($g[gr].par_chunks(CHUNK))
-                    .for_each(|(m, g)| {
-                        for (mi, &gi) in m.iter_mut().zip(g) {
-                            let x = if square { gi * gi } else { gi };
-                            *mi = *mi * b + x * c;
-                        }
-                    })
-            }};
-        }
-        match (dst, g) {
-            (CpuStorage::F32(m), CpuStorage::F32(g)) => run!(f32, m, g),
-            (CpuStorage::F64(m), CpuStorage::F64(g)) => run!(f64, m, g),
-            _ => bail!("adamw: f32 or f64 tensors of one dtype only"),
-        }
-        Ok(())
-    }
-}
-
-/// p <- p decay - rate m / (sqrt(v) / bc2_sqrt + eps), in place: torch's AdamW with decay =
-/// 1 - lr wd, rate = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t).
-struct Update {
-    decay: f64,
-    rate: f64,
-    bc2_sqrt: f64,
-    eps: f64,
-}
-
-impl InplaceOp3 for Update {
-    fn name(&self) -> &'static str {
-        "adamw-update"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dl: &Layout,
-        m: &CpuStorage,
-        ml: &Layout,
-        v: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<()> {
-        let (pr, mr, vr) = (range(dl)?, range(ml)?, range(vl)?);
-        macro_rules! run {
-            ($t:ty, $p:expr, $m:expr, $v:expr) => {{
-                let (decay, rate, bc2, eps) = (
-                    self.decay as $t,
-                    self.rate as $t,
-                    self.bc2_sqrt as $t,
-                    self.eps as $t,
-                );
-                $p[pr]
-                    .par_chunks_mut(CHUNK)
-                    .zip($m[mr].par_chunks(CHUNK).zip($v[vr].par_chunks(CHUNK)))
-                    .for_each(|(p, (m, v))| {
-                        for ((pi, &mi), &vi) in p.iter_mut().zip(m).zip(v) {
-                            *pi = *pi * decay - mi / (vi.sqrt() / bc2 + eps) * rate;
-                        }
-                    })
-            }};
-        }
-        match (dst, m, v) {
-            (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v)) => run!(f32, p, m, v),
-            (CpuStorage::F64(p), CpuStorage::F64(m), CpuStorage::F64(v)) => run!(f64, p, m, v),
-            _ => bail!("adamw: f32 or f64 tensors of one dtype only"),
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
     use candle_core::Device;
 
     /// torch.optim.AdamW's update, restated for one scalar parameter in f64.
