@@ -9,7 +9,7 @@ use crate::analysis::checkpoint_labels;
 use crate::analysis::fusion::{weights_csv, weights_table, CheckpointWeights, Trajectory};
 use crate::checkpoint::load_encoder;
 use crate::output::write_atomic;
-use crate::convert::ModelOverrides;
+use crate::checkpoint::ModelOverrides;
 use crate::figures::charts::{save, FusionBars, FusionTrajectory};
 use crate::train::FUSION_FILE;
 

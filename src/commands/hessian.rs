@@ -21,7 +21,7 @@ use crate::analysis::hvp::{with_second_order, HvpMethod, Objective};
 use crate::checkpoint::{load_model_with, save_tensors, Loaded};
 use crate::output::write_atomic;
 use crate::config::ModelConfig;
-use crate::convert::ModelOverrides;
+use crate::checkpoint::ModelOverrides;
 use crate::figures::charts::{save, EigenDistribution};
 use crate::model::masking::check_ratio;
 use crate::model::Mask;

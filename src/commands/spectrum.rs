@@ -16,7 +16,7 @@ use crate::analysis::features::features;
 use crate::analysis::spectrum::{depth_csv, frequencies, spectrum_csv, Accumulator, Curve};
 use crate::checkpoint::load_encoder;
 use crate::output::write_atomic;
-use crate::convert::ModelOverrides;
+use crate::checkpoint::ModelOverrides;
 use crate::figures::charts::{save, DepthLines, SpectrumPanels};
 use crate::model::Mae;
 use crate::train::open_dataset;
