@@ -17,7 +17,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::infer::{apply_overrides, infer_config, ModelOverrides};
+use super::infer::{apply_overrides, has_decoder, infer_config, ModelOverrides};
 use super::pth::{self, Format};
 use super::{load_tensors, CONFIG_KEY};
 use crate::config::ModelConfig;
@@ -173,11 +173,6 @@ pub fn to_mae_names(
     Ok((out, layout))
 }
 
-/// Whether a state dict (MAE names) has any decoder tensor.
-pub fn has_decoder<'a>(mut keys: impl Iterator<Item = &'a String>) -> bool {
-    keys.any(|k| k == "mask_token" || k.starts_with("decoder_"))
-}
-
 /// Where an imported file came from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Source {
@@ -250,9 +245,13 @@ fn is_torch_extension(path: &Path) -> bool {
 /// Reads any supported checkpoint (see the module docs) into MAE names and a config.
 pub fn import(path: &Path, ov: &ModelOverrides, dtype: DType, device: &Device) -> Result<Imported> {
     let mut notes = Vec::new();
-    let (raw, metadata, source) = read_raw(path, dtype, device, &mut notes)?;
+    let Raw {
+        tensors,
+        metadata,
+        source,
+    } = read_raw(path, dtype, device, &mut notes)?;
     let (mut tensors, layout) =
-        to_mae_names(raw, &mut notes).with_context(|| format!("in {}", path.display()))?;
+        to_mae_names(tensors, &mut notes).with_context(|| format!("in {}", path.display()))?;
     if tensors.get("proj_weights").map(|t| t.dims()) == Some(&[1, 1, 1, 1][..])
         && !tensors.keys().any(|k| k.starts_with("proj_layers."))
     {
@@ -280,18 +279,25 @@ pub fn import(path: &Path, ov: &ModelOverrides, dtype: DType, device: &Device) -
     })
 }
 
-/// The tensors of a `.pth` or safetensors file under their own names, its metadata (a
-/// `.pth`'s `epoch`) and where it came from.
-fn read_raw(
-    path: &Path,
-    dtype: DType,
-    device: &Device,
-    notes: &mut Vec<String>,
-) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>, Source)> {
+/// A file as read, before renaming.
+struct Raw {
+    /// Under the file's own names.
+    tensors: BTreeMap<String, Tensor>,
+    /// The safetensors metadata, or a `.pth`'s `epoch`.
+    metadata: HashMap<String, String>,
+    source: Source,
+}
+
+/// Reads a `.pth` (by its first bytes or extension) or safetensors file.
+fn read_raw(path: &Path, dtype: DType, device: &Device, notes: &mut Vec<String>) -> Result<Raw> {
     let format = pth::sniff(path)?;
     if format == Format::Other && !is_torch_extension(path) {
         let f = load_tensors(path, dtype, device)?;
-        return Ok((f.tensors, f.metadata, Source::Safetensors));
+        return Ok(Raw {
+            tensors: f.tensors,
+            metadata: f.metadata,
+            source: Source::Safetensors,
+        });
     }
     let f = pth::read(path)?;
     for e in &f.other_entries {
@@ -309,7 +315,11 @@ fn read_raw(
         top_level: f.top_level,
         epoch: f.epoch,
     };
-    Ok((f.tensors, metadata, source))
+    Ok(Raw {
+        tensors: f.tensors,
+        metadata,
+        source,
+    })
 }
 
 /// A config, where each inferred field came from (`None`: stored) and whether the file is

@@ -14,7 +14,6 @@ use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 
 use super::describe::config_lines;
-use super::import::has_decoder;
 use crate::config::{
     default_fuse_layers, parse_fuse_layers, Fusion, ModelConfig, Preset, Projection,
 };
@@ -34,6 +33,11 @@ impl ModelOverrides {
     pub(super) fn is_empty(&self) -> bool {
         *self == ModelOverrides::default()
     }
+}
+
+/// Whether a state dict (MAE names) has any decoder tensor.
+pub fn has_decoder<'a>(mut keys: impl Iterator<Item = &'a String>) -> bool {
+    keys.any(|k| k == "mask_token" || k.starts_with("decoder_"))
 }
 
 /// A config inferred from tensor shapes.
