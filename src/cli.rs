@@ -728,8 +728,8 @@ pub struct ImportArgs {
 }
 
 impl ImportArgs {
-    pub fn overrides(&self) -> crate::convert::ModelOverrides {
-        crate::convert::ModelOverrides {
+    pub fn overrides(&self) -> crate::checkpoint::ModelOverrides {
+        crate::checkpoint::ModelOverrides {
             num_heads: self.num_heads,
             decoder_num_heads: self.decoder_num_heads,
             fuse_layers: self.fuse_layers.clone(),

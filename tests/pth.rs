@@ -8,11 +8,12 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
+use mimscope::checkpoint::import::{import, KeyLayout, Source};
+use mimscope::checkpoint::pth::{self, Wrapper};
+use mimscope::checkpoint::ModelOverrides;
 use mimscope::checkpoint::{load_model, load_model_with, load_tensors, save_tensors};
 use mimscope::config::{ModelConfig, Preset};
-use mimscope::convert::{import, KeyLayout, ModelOverrides, Source};
 use mimscope::model::{Mae, Mask};
-use mimscope::pth::{self, Wrapper};
 
 use crate::common::{assert_close, fixture, load, to_vec};
 
@@ -115,7 +116,7 @@ fn encoder_only_pth_is_inspected_but_not_loaded() {
         "{err}"
     );
 
-    let report = mimscope::inspect::run_with(&path, &tiny_flags(None)).unwrap();
+    let report = mimscope::commands::inspect::run_with(&path, &tiny_flags(None)).unwrap();
     let scalars: usize = encoder.values().map(|t| t.elem_count()).sum();
     let total = report
         .lines()

@@ -3,8 +3,10 @@
 //! their output folder; `reproduce` and `run` chain commands through [`execute`], so a recipe
 //! step behaves exactly as the same command typed on the command line.
 
+pub mod convert;
 pub mod fusion;
 pub mod hessian;
+pub mod inspect;
 pub mod recipe;
 pub mod reproduce;
 pub mod spectrum;
@@ -56,16 +58,13 @@ fn run_command(command: Command) -> Result<()> {
             crate::reconstruct::run(&args, &device)
         }
         Command::Inspect { checkpoint, arch } => {
-            print!(
-                "{}",
-                crate::inspect::run_with(&checkpoint, &arch.overrides())?
-            );
+            print!("{}", inspect::run_with(&checkpoint, &arch.overrides())?);
             Ok(())
         }
         Command::Convert(a) => {
             print!(
                 "{}",
-                crate::convert::run(&a.input, &a.output, &a.arch.overrides())?
+                convert::run(&a.input, &a.output, &a.arch.overrides())?
             );
             Ok(())
         }

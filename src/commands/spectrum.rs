@@ -15,7 +15,7 @@ use crate::analysis::checkpoint_labels;
 use crate::analysis::features::features;
 use crate::analysis::spectrum::{depth_csv, frequencies, spectrum_csv, Accumulator, Curve};
 use crate::checkpoint::load_encoder;
-use crate::convert::ModelOverrides;
+use crate::checkpoint::ModelOverrides;
 use crate::figures::charts::{save, DepthLines, SpectrumPanels};
 use crate::model::Mae;
 use crate::output::write_atomic;

@@ -8,7 +8,17 @@
 //! never leaves a half-written checkpoint under the final name.
 //!
 //! [`load_model`] also reads checkpoints written by other code (PyTorch `.pth`, mmpretrain key
-//! names, no stored config) through [`crate::convert::import`].
+//! names, no stored config) through [`import::import`].
+//!
+//! The folder: this file (our own safetensors checkpoints and the models built from them),
+//! [`pth`] (the torch zip reader), [`import`] (foreign files and key renames), [`infer`] (the
+//! config from tensor shapes, [`ModelOverrides`]) and [`describe`] (config lines and parameter
+//! counts, for reports). Nothing here imports `commands`.
+
+pub mod describe;
+pub mod import;
+pub mod infer;
+pub mod pth;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -17,9 +27,9 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
-use crate::convert;
-pub use crate::convert::ModelOverrides;
 use crate::model::{Mae, ParamStore};
+use import::{encoder_only_error, Imported};
+pub use infer::ModelOverrides;
 
 /// Metadata key of the model config JSON.
 pub const CONFIG_KEY: &str = "config";
@@ -98,7 +108,7 @@ pub struct Loaded {
 /// Loads a weights file, rebuilds its model from the stored config, and checks every tensor
 /// name and shape both ways. Besides mimscope's safetensors, it reads PyTorch `.pth` files and
 /// safetensors without a stored config, in facebookresearch/mae or mmpretrain key names, with
-/// the config inferred from the shapes and defaults (see [`crate::convert`]); notes on what was
+/// the config inferred from the shapes and defaults (see [`import`] and [`infer`]); notes on what was
 /// assumed go to stderr. For the fields shapes cannot tell, use [`load_model_with`].
 pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     load_model_with(path, &ModelOverrides::default(), dtype, device)
@@ -114,19 +124,19 @@ pub fn load_model_with(
 ) -> Result<Loaded> {
     let imported = import_noting(path, overrides, dtype, device)?;
     if imported.encoder_only {
-        return Err(convert::encoder_only_error(path));
+        return Err(encoder_only_error(path));
     }
     loaded(path, imported, dtype, device)
 }
 
-/// [`convert::import`], printing its notes on what was assumed.
+/// [`import::import`], printing its notes on what was assumed.
 fn import_noting(
     path: &Path,
     overrides: &ModelOverrides,
     dtype: DType,
     device: &Device,
-) -> Result<convert::Imported> {
-    let imported = convert::import(path, overrides, dtype, device)?;
+) -> Result<Imported> {
+    let imported = import::import(path, overrides, dtype, device)?;
     for note in &imported.notes {
         eprintln!("note: {note}");
     }
@@ -141,12 +151,7 @@ fn import_noting(
 }
 
 /// The model built from an import.
-fn loaded(
-    path: &Path,
-    imported: convert::Imported,
-    dtype: DType,
-    device: &Device,
-) -> Result<Loaded> {
+fn loaded(path: &Path, imported: Imported, dtype: DType, device: &Device) -> Result<Loaded> {
     let (model, store) = build_model(path, &imported.cfg, imported.tensors, dtype, device)?;
     Ok(Loaded {
         model,

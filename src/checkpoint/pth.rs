@@ -11,7 +11,7 @@
 //! Only the state dict's tensors are read, whatever their strides, storage offset or sharing;
 //! its other entries (torch's `_metadata` record of module versions, strings, ...) are listed in
 //! [`PthFile::other_entries`]. Everything else in the file (optimizer state, arguments) is parsed
-//! but never read. Key names are left as they are; [`crate::convert`] maps them.
+//! but never read. Key names are left as they are; [`super::import`] maps them.
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Read, Seek};

@@ -1,11 +1,11 @@
 //! `mimscope inspect`: what a checkpoint holds, without running it.
 //!
 //! The report names the file, its training step (metadata `step`, when present), every field of
-//! the stored [`ModelConfig`], the number of scalars per part of the model (MAE state-dict
-//! prefixes, see [`Part`]), the trainable total (everything but the frozen sin-cos tables
-//! [`FROZEN`]) and, for MFF, the fused blocks with their softmax weights.
+//! the stored [`ModelConfig`](crate::config::ModelConfig), the number of scalars per part of the
+//! model (MAE state-dict prefixes, see [`Part`]), the trainable total (everything but the frozen
+//! sin-cos tables [`FROZEN`]) and, for MFF, the fused blocks with their softmax weights.
 //!
-//! Any file [`crate::convert::import`] reads can be inspected, including encoder-only ones
+//! Any file [`checkpoint::import::import`] reads can be inspected, including encoder-only ones
 //! (MAE's released `mae_pretrain_vit_*.pth`): their encoder is checked by building the model
 //! with zero placeholders for the decoder, which are never counted or run.
 
@@ -16,91 +16,12 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 
-use crate::checkpoint;
-use crate::config::{Fusion as FusionKind, ModelConfig};
-use crate::convert::{self, ModelOverrides};
+use crate::checkpoint::describe::{config_lines, ParamCounts, Part};
+use crate::checkpoint::import::{import, Imported};
+use crate::checkpoint::{self, ModelOverrides};
+use crate::config::Fusion as FusionKind;
 use crate::model::params::FROZEN;
-use crate::model::ParamStore;
-
-/// A part of the model, by the MAE state-dict name of its tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Part {
-    /// `patch_embed.*`
-    PatchEmbed,
-    /// `cls_token`, `pos_embed`
-    ClsPos,
-    /// `blocks.*`
-    Blocks,
-    /// `norm.*` (the encoder's final norm)
-    Norm,
-    /// MFF `proj_layers.*`
-    ProjLayers,
-    /// MFF `proj_weights`
-    ProjWeights,
-    /// MFF attention fusion `fusion_attn.*`
-    FusionAttn,
-    /// `decoder_*` and `mask_token`
-    Decoder,
-    /// Anything else (none in a valid checkpoint; listed so that the parts always add up).
-    Other,
-}
-
-impl Part {
-    /// The part a tensor belongs to.
-    pub fn of(name: &str) -> Part {
-        let head = name.split('.').next().unwrap_or(name);
-        match head {
-            "patch_embed" => Part::PatchEmbed,
-            "cls_token" | "pos_embed" => Part::ClsPos,
-            "blocks" => Part::Blocks,
-            "norm" => Part::Norm,
-            "proj_layers" => Part::ProjLayers,
-            "proj_weights" => Part::ProjWeights,
-            "fusion_attn" => Part::FusionAttn,
-            "mask_token" => Part::Decoder,
-            h if h.starts_with("decoder_") => Part::Decoder,
-            _ => Part::Other,
-        }
-    }
-}
-
-/// Scalar counts of one model.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParamCounts {
-    pub per_part: BTreeMap<Part, usize>,
-    /// Every tensor except [`FROZEN`].
-    pub trainable: usize,
-    pub total: usize,
-}
-
-impl ParamCounts {
-    pub fn of(store: &ParamStore) -> ParamCounts {
-        let mut per_part = BTreeMap::new();
-        let (mut trainable, mut total) = (0, 0);
-        for (name, t) in store.tensors() {
-            let n = t.elem_count();
-            *per_part.entry(Part::of(&name)).or_insert(0) += n;
-            total += n;
-            if !FROZEN.contains(&name.as_str()) {
-                trainable += n;
-            }
-        }
-        ParamCounts {
-            per_part,
-            trainable,
-            total,
-        }
-    }
-
-    pub fn part(&self, p: Part) -> usize {
-        self.per_part.get(&p).copied().unwrap_or(0)
-    }
-
-    /// proj_layers + proj_weights + fusion_attn.
-    pub fn fusion(&self) -> usize {
-        self.part(Part::ProjLayers) + self.part(Part::ProjWeights) + self.part(Part::FusionAttn)
-    }
-}
+use crate::model::{Mae, ParamStore};
 
 /// `12345678` -> `12,345,678`.
 fn thousands(n: usize) -> String {
@@ -115,43 +36,6 @@ fn thousands(n: usize) -> String {
     out
 }
 
-/// Every config field, one `name = value` line each, in declaration order.
-pub(crate) fn config_lines(cfg: &ModelConfig) -> Vec<(&'static str, String)> {
-    // Destructured without `..`: a new config field fails to compile here until it is shown.
-    let ModelConfig {
-        img_size,
-        patch_size,
-        in_chans,
-        embed_dim,
-        depth,
-        num_heads,
-        decoder_embed_dim,
-        decoder_depth,
-        decoder_num_heads,
-        mlp_ratio,
-        norm_pix_loss,
-        fuse_layers,
-        projection,
-        fusion,
-    } = cfg;
-    vec![
-        ("img_size", img_size.to_string()),
-        ("patch_size", patch_size.to_string()),
-        ("in_chans", in_chans.to_string()),
-        ("embed_dim", embed_dim.to_string()),
-        ("depth", depth.to_string()),
-        ("num_heads", num_heads.to_string()),
-        ("decoder_embed_dim", decoder_embed_dim.to_string()),
-        ("decoder_depth", decoder_depth.to_string()),
-        ("decoder_num_heads", decoder_num_heads.to_string()),
-        ("mlp_ratio", mlp_ratio.to_string()),
-        ("norm_pix_loss", norm_pix_loss.to_string()),
-        ("fuse_layers", format!("{fuse_layers:?}")),
-        ("projection", format!("{projection:?}").to_lowercase()),
-        ("fusion", format!("{fusion:?}").to_lowercase()),
-    ]
-}
-
 /// The `inspect` report of the checkpoint at `checkpoint` (see the module docs).
 pub fn run(checkpoint: &Path) -> Result<String> {
     run_with(checkpoint, &ModelOverrides::default())
@@ -160,8 +44,8 @@ pub fn run(checkpoint: &Path) -> Result<String> {
 /// [`run`] with the architecture fields that a file without a stored config cannot tell.
 pub fn run_with(checkpoint: &Path, overrides: &ModelOverrides) -> Result<String> {
     let inspecting = || format!("inspecting {}", checkpoint.display());
-    let imported = convert::import(checkpoint, overrides, DType::F32, &Device::Cpu)
-        .with_context(inspecting)?;
+    let imported =
+        import(checkpoint, overrides, DType::F32, &Device::Cpu).with_context(inspecting)?;
     let cfg = &imported.cfg;
     let mut tensors = imported.tensors.clone();
     if imported.encoder_only {
@@ -171,6 +55,17 @@ pub fn run_with(checkpoint: &Path, overrides: &ModelOverrides) -> Result<String>
         .with_context(inspecting)?;
     let stored = ParamStore::from_tensors(imported.tensors.clone())?;
     let mut r = String::new();
+    write_header(&mut r, checkpoint, &imported)?;
+    write_config(&mut r, &imported)?;
+    write_parameters(&mut r, &imported, &ParamCounts::of(&stored))?;
+    writeln!(r)?;
+    write_fusion(&mut r, &imported, &model)?;
+    Ok(r)
+}
+
+/// The file, its format, step, epoch, the import's notes and the kind of model.
+fn write_header(r: &mut String, checkpoint: &Path, imported: &Imported) -> Result<()> {
+    let cfg = &imported.cfg;
     writeln!(r, "checkpoint: {}", checkpoint.display())?;
     writeln!(r, "format: {}", imported.describe())?;
     match imported.metadata.get("step") {
@@ -199,7 +94,11 @@ pub fn run_with(checkpoint: &Path, overrides: &ModelOverrides) -> Result<String>
             "encoder only: the file has no decoder (commands other than inspect need one)"
         )?;
     }
+    Ok(())
+}
 
+/// Every config field, with where an inferred value came from.
+fn write_config(r: &mut String, imported: &Imported) -> Result<()> {
     writeln!(r, "\nconfig:")?;
     let why: BTreeMap<&str, &str> = imported
         .inferred
@@ -207,7 +106,7 @@ pub fn run_with(checkpoint: &Path, overrides: &ModelOverrides) -> Result<String>
         .flatten()
         .map(|(f, w)| (*f, w.as_str()))
         .collect();
-    for (name, value) in config_lines(cfg) {
+    for (name, value) in config_lines(&imported.cfg) {
         let decoder_field = name.starts_with("decoder_");
         if imported.encoder_only && decoder_field {
             writeln!(r, "  {name:<18} (no decoder in the file)")?;
@@ -217,8 +116,12 @@ pub fn run_with(checkpoint: &Path, overrides: &ModelOverrides) -> Result<String>
             writeln!(r, "  {name:<18} {value}")?;
         }
     }
+    Ok(())
+}
 
-    let c = ParamCounts::of(&stored);
+/// The scalar counts per part, the trainable total and the total.
+fn write_parameters(r: &mut String, imported: &Imported, c: &ParamCounts) -> Result<()> {
+    let cfg = &imported.cfg;
     let mut rows: Vec<(String, usize)> = vec![
         ("patch_embed".into(), c.part(Part::PatchEmbed)),
         ("cls_token + pos_embed".into(), c.part(Part::ClsPos)),
@@ -262,7 +165,12 @@ pub fn run_with(checkpoint: &Path, overrides: &ModelOverrides) -> Result<String>
     for (name, n) in &rows {
         writeln!(r, "  {name:<width$} {:>12}", thousands(*n))?;
     }
-    writeln!(r)?;
+    Ok(())
+}
+
+/// The fused blocks and, for weighted fusion, their softmax weights.
+fn write_fusion(r: &mut String, imported: &Imported, model: &Mae) -> Result<()> {
+    let cfg = &imported.cfg;
     match model.fusion() {
         None => writeln!(r, "fusion: MAE (no fusion)")?,
         Some(f) => match f.weights()? {
@@ -285,19 +193,15 @@ pub fn run_with(checkpoint: &Path, overrides: &ModelOverrides) -> Result<String>
             }
         },
     }
-    Ok(r)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::config::{Fusion as FusionKind, ModelConfig};
-    use crate::model::Mae;
     use std::collections::HashMap;
 
-    fn tiny() -> ModelConfig {
-        crate::config::test_config()
-    }
+    use super::*;
+    use crate::config::{test_config, ModelConfig};
 
     fn save(
         dir: &Path,
@@ -319,7 +223,7 @@ mod tests {
     #[test]
     fn counts_match_a_hand_count_and_add_up() {
         let tmp = tempfile::tempdir().unwrap();
-        let cfg = tiny();
+        let cfg = test_config();
         let (path, store) = save(tmp.path(), &cfg, HashMap::new());
         let c = ParamCounts::of(&store);
         // D 32, Dd 16, p 4, L 16, P 48.
@@ -361,7 +265,7 @@ mod tests {
         let cfg = ModelConfig {
             depth: 3,
             fuse_layers: vec![0, 1],
-            ..tiny()
+            ..test_config()
         };
         let meta = HashMap::from([("step".to_string(), "42".to_string())]);
         let (path, store) = save(tmp.path(), &cfg, meta);
@@ -387,7 +291,7 @@ mod tests {
         let cfg = ModelConfig {
             fuse_layers: vec![0],
             fusion: FusionKind::Attention,
-            ..tiny()
+            ..test_config()
         };
         let (path, store) = save(tmp.path(), &cfg, HashMap::new());
         let c = ParamCounts::of(&store);
