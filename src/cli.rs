@@ -367,7 +367,7 @@ pub struct BenchArgs {
         value_delimiter = ',',
         default_value = "train,forward,data"
     )]
-    pub parts: Vec<crate::bench::Part>,
+    pub parts: Vec<crate::commands::bench::Part>,
     /// Images in the loss whose Hessian-vector products `--parts hvp,power` time.
     #[arg(long, default_value_t = 8)]
     pub hvp_batch: usize,
@@ -380,9 +380,9 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
-    pub fn settings(&self) -> crate::bench::BenchSettings {
-        crate::bench::BenchSettings {
-            cfg: crate::bench::bench_config(self.model.model, self.model.preset),
+    pub fn settings(&self) -> crate::commands::bench::BenchSettings {
+        crate::commands::bench::BenchSettings {
+            cfg: crate::commands::bench::bench_config(self.model.model, self.model.preset),
             batch: self.batch_size,
             iters: self.iters,
             precision: self.precision,

@@ -926,11 +926,11 @@ fn bench_reports_speed_flops_memory_and_hvp_cost() {
         assert!(num(key) > 0.0, "{key}");
     }
     // The printed FLOPs are the model's (tiny MFF at mask 0.75), and the rates follow from them.
-    let cfg = mimscope::bench::bench_config(
+    let cfg = mimscope::commands::bench::bench_config(
         mimscope::config::ModelKind::Mff,
         mimscope::config::Preset::Tiny,
     );
-    let f = mimscope::bench::train_flops_per_image(&cfg, 0.75);
+    let f = mimscope::commands::bench::train_flops_per_image(&cfg, 0.75);
     assert_eq!(k["train_flops_per_image"], format!("{f:.4e}"));
     let tflops = f * 4.0 / num("train_step_s") / 1e12;
     assert!((num("train_tflops_per_s") / tflops - 1.0).abs() < 1e-2);

@@ -3,9 +3,12 @@
 //! their output folder; `reproduce` and `run` chain commands through [`execute`], so a recipe
 //! step behaves exactly as the same command typed on the command line.
 
+pub mod bench;
 pub mod fusion;
 pub mod hessian;
+pub mod parity;
 pub mod recipe;
+pub mod reconstruct;
 pub mod reproduce;
 pub mod spectrum;
 
@@ -15,7 +18,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 use crate::cli::{Command, TrainArgs};
-use crate::reconstruct::ReconstructArgs;
+use reconstruct::ReconstructArgs;
 use crate::train::{self, Start, FINAL_FILE};
 
 /// Parses a full command line (`mimscope <command> ...`) as the binary does; clap's message,
@@ -53,7 +56,7 @@ fn run_command(command: Command) -> Result<()> {
                 mask_ratio: a.mask_ratio,
                 out: a.out,
             };
-            crate::reconstruct::run(&args, &device)
+            reconstruct::run(&args, &device)
         }
         Command::Inspect { checkpoint, arch } => {
             print!(
@@ -71,12 +74,12 @@ fn run_command(command: Command) -> Result<()> {
         }
         Command::Bench(a) => {
             let device = a.device.device()?;
-            for line in crate::bench::run(&a.settings(), &device)? {
+            for line in bench::run(&a.settings(), &device)? {
                 println!("{line}");
             }
             Ok(())
         }
-        Command::Parity(a) => crate::parity::run(&a),
+        Command::Parity(a) => parity::run(&a),
         Command::Spectrum(a) => spectrum::run(&a.settings(), &a.device.device()?).map(|_| ()),
         Command::Fusion(a) => {
             let s = fusion::FusionSettings {
@@ -124,7 +127,7 @@ fn train_and_reconstruct(run_dir: &Path, start: Start, device: &candle_core::Dev
         mask_ratio: cfg.mask_ratio,
         out: run_dir.join("reconstruction"),
     };
-    crate::reconstruct::run(&rec, device)
+    reconstruct::run(&rec, device)
 }
 
 /// A train step of a chain: skipped when its run folder already holds `final.safetensors`,

@@ -130,7 +130,7 @@ fn load(args: &ParityArgs) -> Result<(Mae, ParamStore)> {
             Ok((l.model, l.store))
         }
         None => {
-            let cfg = crate::bench::bench_config(args.model.model, args.model.preset);
+            let cfg = super::bench::bench_config(args.model.model, args.model.preset);
             Ok(Mae::init(&cfg, args.seed, DType::F32, &Device::Cpu)?)
         }
     }
@@ -223,7 +223,7 @@ pub fn compare(args: &ParityArgs, device: &Device) -> Result<Report> {
     let grad_rel = relative_l2(&flat(&a), &flat(&b));
 
     let lines = vec![
-        format!("device={}", crate::bench::describe(device)),
+        format!("device={}", super::bench::describe(device)),
         format!("precision={}", args.precision.name()),
         format!(
             "weights={}",
@@ -283,7 +283,7 @@ pub fn run(args: &ParityArgs) -> Result<()> {
         println!("parity=fail");
         bail!(
             "{} disagrees with the CPU beyond the tolerances: {}",
-            crate::bench::describe(&device),
+            super::bench::describe(&device),
             report.failures.join("; ")
         )
     }
