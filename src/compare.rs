@@ -125,7 +125,10 @@ mod tests {
 
     #[test]
     fn check_close_names_the_worst_element() {
-        assert_eq!(check_close(&[1.0, 2.0], &[1.0, 2.0 + 1e-9], 0.0, 1e-8), None);
+        assert_eq!(
+            check_close(&[1.0, 2.0], &[1.0, 2.0 + 1e-9], 0.0, 1e-8),
+            None
+        );
         let msg = check_close(&[1.0, 2.5, 3.2], &[1.0, 2.0, 3.0], 0.0, 0.1).unwrap();
         assert!(msg.starts_with("element 1 is 2.5"), "{msg}");
         assert!(check_close(&[f64::NAN], &[1.0], 1.0, 1.0).is_some());

@@ -31,8 +31,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
 use super::hessian::{add_multiple, dot};
+use crate::model::params::DecayRule;
 use crate::model::{Mae, Mask, ParamStore};
-use crate::train::optim::DecayRule;
 use crate::train::step::{shard_ranges, shards};
 
 /// How Hessian-vector products are computed.

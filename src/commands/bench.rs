@@ -22,14 +22,17 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::analysis::hessian::{top_eigen, PowerSettings};
 use crate::analysis::hvp::{with_second_order, Objective};
 use crate::analysis::spectrum::delta_log_amplitude;
-use crate::config::TrainPrecision;
-use crate::config::{default_fuse_layers, Fusion, ModelConfig, ModelKind, Preset, Projection};
+use crate::cli::BenchArgs;
+use crate::config::{
+    check_ratio, default_fuse_layers, len_keep, BenchPart, Fusion, ModelConfig, ModelKind, Preset,
+    Projection, TrainPrecision,
+};
 use crate::data::Augment;
 use crate::memory::{Peak, Watch};
-use crate::model::masking::len_keep;
+use crate::model::params::DecayRule;
 use crate::model::{Mae, Mask};
 use crate::rng::{stream, Purpose};
-use crate::train::optim::{AdamW, DecayRule};
+use crate::train::optim::AdamW;
 
 /// The bench's architecture: the preset, with MFF's default fused layers for `mff`.
 pub fn bench_config(kind: ModelKind, preset: Preset) -> ModelConfig {
@@ -40,24 +43,6 @@ pub fn bench_config(kind: ModelKind, preset: Preset) -> ModelConfig {
     cfg
 }
 
-/// Parts of the benchmark.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Part {
-    /// Training step: forward, backward, AdamW.
-    Train,
-    /// Unmasked encoder forward, every block output kept.
-    Forward,
-    /// The Fourier recipe on the unmasked encoder's embedding and block outputs (spectra).
-    Spectrum,
-    /// One exact Hessian-vector product against one gradient (f32, `--hvp-batch` images).
-    Hvp,
-    /// 20 power-iteration steps with exact products, set-up included (`--hvp-batch` images);
-    /// the median of `--iters` / 5 runs (at least one) after a warm-up, as the reference script.
-    Power,
-    /// Building one training batch from the bundled photos, per augmentation.
-    Data,
-}
-
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchSettings {
@@ -66,7 +51,7 @@ pub struct BenchSettings {
     pub iters: usize,
     pub precision: TrainPrecision,
     pub mask_ratio: f64,
-    pub parts: Vec<Part>,
+    pub parts: Vec<BenchPart>,
     /// Images of the batch whose loss the Hessian-vector products differentiate.
     pub hvp_batch: usize,
     /// The device's peak rate in TFLOP/s, for the utilisation lines.
@@ -176,8 +161,7 @@ pub fn run(s: &BenchSettings, device: &Device) -> Result<Vec<String>> {
         "--batch-size, --iters and --hvp-batch must be positive"
     );
     let cfg = &s.cfg;
-    crate::model::masking::check_ratio(cfg.num_patches(), s.mask_ratio)
-        .map_err(anyhow::Error::msg)?;
+    check_ratio(cfg.num_patches(), s.mask_ratio).map_err(anyhow::Error::msg)?;
     let mut out = vec![
         format!("model={}", if cfg.is_mff() { "mff" } else { "mae" }),
         format!(
@@ -211,7 +195,7 @@ pub fn run(s: &BenchSettings, device: &Device) -> Result<Vec<String>> {
         .map(|_| Mask::random(s.batch, cfg.num_patches(), s.mask_ratio, &mut rng))
         .collect();
 
-    if s.parts.contains(&Part::Train) {
+    if s.parts.contains(&BenchPart::Train) {
         let mut opt = AdamW::new(
             store.trainable(),
             0.05,
@@ -233,7 +217,7 @@ pub fn run(s: &BenchSettings, device: &Device) -> Result<Vec<String>> {
         );
         memory_lines(&mut out, "train", mem);
     }
-    if s.parts.contains(&Part::Forward) {
+    if s.parts.contains(&BenchPart::Forward) {
         let (secs, mem) = timed(s.iters, device, |_| {
             let trace = model.forward_encoder_unmasked(&imgs)?;
             trace
@@ -252,7 +236,7 @@ pub fn run(s: &BenchSettings, device: &Device) -> Result<Vec<String>> {
         );
         memory_lines(&mut out, "forward", mem);
     }
-    if s.parts.contains(&Part::Spectrum) {
+    if s.parts.contains(&BenchPart::Spectrum) {
         // As the spectra: the embedding and every block output, cls dropped, on the host.
         let trace = model.forward_encoder_unmasked(&imgs)?;
         let g = cfg.grid();
@@ -267,10 +251,10 @@ pub fn run(s: &BenchSettings, device: &Device) -> Result<Vec<String>> {
         out.push(format!("spectrum_layers={}", trace.layers.len()));
         out.push(format!("spectrum_s={secs:.5}"));
     }
-    if s.parts.contains(&Part::Hvp) || s.parts.contains(&Part::Power) {
+    if s.parts.contains(&BenchPart::Hvp) || s.parts.contains(&BenchPart::Power) {
         out.extend(hvp_lines(s, &mut model, &store, &imgs, &masks[0], device)?);
     }
-    if s.parts.contains(&Part::Data) {
+    if s.parts.contains(&BenchPart::Data) {
         // Input pipeline on the bundled photos (decoded once at open): crop, resize, flip and
         // normalisation of one batch, on every core.
         let photos = crate::data::Dataset::bundled()?;
@@ -310,7 +294,7 @@ fn hvp_lines(
     };
     let lines = with_second_order(|| {
         let mut out = vec![format!("hvp_batch={b}")];
-        if s.parts.contains(&Part::Power) {
+        if s.parts.contains(&BenchPart::Power) {
             // PyHessian's top eigenvalue with 20 products and no early stop, the objective's
             // set-up (and so the first product's graph) included. Timed as the reference script
             // times it: one warm-up run, then the median of iters / 5 (at least one).
@@ -326,7 +310,7 @@ fn hvp_lines(
             })?;
             out.push(format!("power_s={secs:.3}"));
         }
-        if !s.parts.contains(&Part::Hvp) {
+        if !s.parts.contains(&BenchPart::Hvp) {
             return Ok(out);
         }
         let obj = Objective::new(model, store, &imgs, &mask, b, 0.0, rule)?;
@@ -364,6 +348,22 @@ pub fn describe(device: &Device) -> String {
         candle_core::DeviceLocation::Cpu => "cpu".into(),
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         other => format!("{other:?}"),
+    }
+}
+
+impl BenchArgs {
+    /// The flags as settings: the preset (MFF's default fused layers for `--model mff`).
+    pub fn settings(&self) -> BenchSettings {
+        BenchSettings {
+            cfg: bench_config(self.model.model, self.model.preset),
+            batch: self.batch_size,
+            iters: self.iters,
+            precision: self.precision,
+            mask_ratio: self.mask_ratio,
+            parts: self.parts.clone(),
+            hvp_batch: self.hvp_batch,
+            peak_tflops: self.peak_tflops,
+        }
     }
 }
 

@@ -8,9 +8,9 @@ use candle_core::{DType, Device};
 use crate::analysis::checkpoint_labels;
 use crate::analysis::fusion::{weights_csv, weights_table, CheckpointWeights, Trajectory};
 use crate::checkpoint::load_encoder;
-use crate::output::write_atomic;
 use crate::convert::ModelOverrides;
 use crate::figures::charts::{save, FusionBars, FusionTrajectory};
+use crate::output::write_atomic;
 use crate::train::FUSION_FILE;
 
 /// What `fusion` shows.

@@ -15,6 +15,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::cli::ParityArgs;
 use crate::config::TrainPrecision;
+
+use super::Problem;
 use crate::model::{Mae, Mask, ParamStore};
 use crate::rng::{stream, Purpose};
 
@@ -169,8 +171,7 @@ pub fn compare(args: &ParityArgs, device: &Device) -> Result<Report> {
     }
     let s = cfg.img_size;
     let data = dataset.eval_batch(args.batch_size, s as u32)?;
-    crate::model::masking::check_ratio(cfg.num_patches(), args.mask_ratio)
-        .map_err(anyhow::Error::msg)?;
+    crate::config::check_ratio(cfg.num_patches(), args.mask_ratio).map_err(anyhow::Error::msg)?;
     let mask = Mask::random(
         args.batch_size,
         cfg.num_patches(),
@@ -269,7 +270,8 @@ pub fn compare(args: &ParityArgs, device: &Device) -> Result<Report> {
     Ok(Report { lines, failures })
 }
 
-/// `mimscope parity`: prints the comparison; an error when outside the tolerances.
+/// `mimscope parity`: prints the comparison; a [`Problem`] (exit status 1) when outside the
+/// tolerances.
 pub fn run(args: &ParityArgs) -> Result<()> {
     let device = args.device.device()?;
     let report = compare(args, &device)?;
@@ -281,11 +283,12 @@ pub fn run(args: &ParityArgs) -> Result<()> {
         Ok(())
     } else {
         println!("parity=fail");
-        bail!(
+        Err(Problem(format!(
             "{} disagrees with the CPU beyond the tolerances: {}",
             super::bench::describe(&device),
             report.failures.join("; ")
-        )
+        ))
+        .into())
     }
 }
 

@@ -24,10 +24,12 @@ use candle_core::{DType, Device, Tensor, D};
 use image::{Rgb, RgbImage};
 
 use crate::checkpoint;
+use crate::cli::ReconstructCli;
+use crate::config::check_ratio;
 use crate::data::{Dataset, IMAGENET_MEAN, IMAGENET_STD};
 use crate::figures;
 use crate::model::mae::patch_stats;
-use crate::model::masking::{check_ratio, patchify, unpatchify};
+use crate::model::masking::{patchify, unpatchify};
 use crate::model::{Mae, Mask};
 use crate::rng::{self, Purpose};
 
@@ -276,6 +278,19 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+impl From<&ReconstructCli> for ReconstructArgs {
+    fn from(a: &ReconstructCli) -> Self {
+        ReconstructArgs {
+            checkpoint: a.checkpoint.clone(),
+            data: a.data.clone(),
+            images: a.images,
+            seed: a.seed,
+            mask_ratio: a.mask_ratio,
+            out: a.out.clone(),
+        }
+    }
 }
 
 #[cfg(test)]

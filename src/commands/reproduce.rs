@@ -13,9 +13,9 @@ use anyhow::{bail, Context, Result};
 
 use crate::analysis::fusion::CheckpointWeights;
 use crate::analysis::spectrum::Curve;
-use crate::output::write_atomic;
 use crate::cli::{Command, ReproduceArgs};
 use crate::figures::charts::median;
+use crate::output::write_atomic;
 use crate::train::{FINAL_FILE, METRICS_FILE};
 
 use super::hessian::HessianReport;

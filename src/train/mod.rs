@@ -22,10 +22,10 @@ use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint::{self, checkpoint_paths, latest_checkpoint};
-use crate::output::write_atomic;
 use crate::config::{TrainConfig, TrainPrecision};
 use crate::data::Dataset;
 use crate::model::{Mae, Mask};
+use crate::output::write_atomic;
 use crate::rng::{stream, Purpose};
 use optim::AdamW;
 
