@@ -389,15 +389,16 @@ mod tests {
         // wide, 1 block, MLP 16; mask 0.5 keeps 2, so n = 3 encoder and 5 decoder tokens.
         let cfg = ModelConfig {
             img_size: 8,
-            patch_size: 4,
             embed_dim: 8,
             depth: 1,
-            num_heads: 2,
             decoder_embed_dim: 4,
-            decoder_depth: 1,
             decoder_num_heads: 1,
-            ..ModelConfig::default()
+            ..crate::config::test_config()
         };
+        assert_eq!(
+            (cfg.patch_size, cfg.num_heads, cfg.decoder_depth),
+            (4, 2, 1)
+        );
         let patch = 2.0 * 4.0 * 48.0 * 8.0;
         let enc = 2.0 * 3.0 * 8.0 * 24.0
             + 2.0 * 2.0 * 3.0 * 8.0 * 3.0

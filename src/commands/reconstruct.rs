@@ -296,6 +296,7 @@ impl From<&ReconstructCli> for ReconstructArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compare::Diff;
     use crate::config::ModelConfig;
     use std::path::Path;
 
@@ -342,19 +343,6 @@ mod tests {
         Tensor::from_vec(data, (b, 3, s, s), &Device::Cpu).unwrap()
     }
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     #[test]
     fn denormalising_the_normalised_target_gives_the_patches_back() {
         let cfg = tiny(true);
@@ -363,9 +351,9 @@ mod tests {
         let raw = patchify(&imgs, 4).unwrap(); // B L P
         let normalised = model.target(&imgs).unwrap();
         // The loss's target really is per-patch normalised (mean 0), so this is not vacuous.
-        assert!(max_abs_diff(&normalised, &raw) > 0.1);
+        assert!(Diff::tensors(&normalised, &raw).unwrap().max_abs > 0.1);
         let back = denormalize_patches(&normalised, &raw).unwrap();
-        let err = max_abs_diff(&back, &raw);
+        let err = Diff::tensors(&back, &raw).unwrap().max_abs;
         assert!(err < 1e-4, "max |denorm(target) - patches| = {err}");
     }
 
@@ -440,7 +428,7 @@ mod tests {
         let rec = reconstruct(&model, &imgs, &mask).unwrap();
         let pred = model.forward(&imgs, &mask).unwrap().pred;
         let want = unpatchify(&pred, 4, 3).unwrap();
-        assert_eq!(max_abs_diff(&rec.pred_pixels, &want), 0.0);
+        assert_eq!(Diff::tensors(&rec.pred_pixels, &want).unwrap().max_abs, 0.0);
     }
 
     #[test]
