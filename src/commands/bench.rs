@@ -162,7 +162,43 @@ pub fn run(s: &BenchSettings, device: &Device) -> Result<Vec<String>> {
     );
     let cfg = &s.cfg;
     check_ratio(cfg.num_patches(), s.mask_ratio).map_err(anyhow::Error::msg)?;
-    let mut out = vec![
+    let mut out = header_lines(s, device);
+    let (mut model, store) = Mae::init(cfg, 0, DType::F32, device)?;
+    model.set_matmul_dtype(s.precision.matmul_dtype());
+    let (imgs, masks) = synthetic_batch(s, device)?;
+    if s.parts.contains(&BenchPart::Train) {
+        train_lines(&mut out, s, &model, &store, &imgs, &masks, device)?;
+    }
+    if s.parts.contains(&BenchPart::Forward) {
+        let (secs, mem) = timed(s.iters, device, |_| {
+            let trace = model.forward_encoder_unmasked(&imgs)?;
+            trace
+                .latent
+                .sum_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?;
+            Ok(())
+        })?;
+        let flops = encoder_forward_flops_per_image(cfg);
+        rate_lines(&mut out, "forward", s, secs, flops);
+        memory_lines(&mut out, "forward", mem);
+    }
+    if s.parts.contains(&BenchPart::Spectrum) {
+        spectrum_lines(&mut out, s, &model, &imgs)?;
+    }
+    if s.parts.contains(&BenchPart::Hvp) || s.parts.contains(&BenchPart::Power) {
+        out.extend(hvp_lines(s, &mut model, &store, &imgs, &masks[0], device)?);
+    }
+    if s.parts.contains(&BenchPart::Data) {
+        data_lines(&mut out, s)?;
+    }
+    Ok(out)
+}
+
+/// What was measured where: the model, the device and the settings.
+fn header_lines(s: &BenchSettings, device: &Device) -> Vec<String> {
+    let cfg = &s.cfg;
+    vec![
         format!("model={}", if cfg.is_mff() { "mff" } else { "mae" }),
         format!(
             "config=img {} patch {} width {} depth {} heads {} decoder {}x{}",
@@ -182,95 +218,88 @@ pub fn run(s: &BenchSettings, device: &Device) -> Result<Vec<String>> {
             "threads={}",
             std::thread::available_parallelism().map_or(1, |n| n.get())
         ),
-    ];
-    let (mut model, store) = Mae::init(cfg, 0, DType::F32, device)?;
-    model.set_matmul_dtype(s.precision.matmul_dtype());
-    let px = cfg.img_size;
+    ]
+}
+
+/// Standard-normal images (B, 3, S, S) on `device` and one mask per run (warm-up included),
+/// all from the stream (0, Synthetic, 0).
+fn synthetic_batch(s: &BenchSettings, device: &Device) -> Result<(Tensor, Vec<Mask>)> {
+    let (px, l) = (s.cfg.img_size, s.cfg.num_patches());
     let mut rng = stream(0, Purpose::Synthetic, 0);
     let pixels: Vec<f32> = (0..s.batch * 3 * px * px)
         .map(|_| StandardNormal.sample(&mut rng))
         .collect();
     let imgs = Tensor::from_vec(pixels, (s.batch, 3, px, px), device)?;
     let masks: Vec<Mask> = (0..=s.iters)
-        .map(|_| Mask::random(s.batch, cfg.num_patches(), s.mask_ratio, &mut rng))
+        .map(|_| Mask::random(s.batch, l, s.mask_ratio, &mut rng))
         .collect();
+    Ok((imgs, masks))
+}
 
-    if s.parts.contains(&BenchPart::Train) {
-        let mut opt = AdamW::new(
-            store.trainable(),
-            0.05,
-            DecayRule {
-                decay_fusion_weights: true,
-            },
-        )?;
-        let (secs, mem) = timed(s.iters, device, |i| {
-            let (_, grads) = crate::train::step::loss_and_grads(&model, &imgs, &masks[i])?;
-            opt.apply(&grads, 1e-6)?;
-            Ok(())
-        })?;
-        rate_lines(
-            &mut out,
-            "train",
-            s,
-            secs,
-            train_flops_per_image(cfg, s.mask_ratio),
-        );
-        memory_lines(&mut out, "train", mem);
-    }
-    if s.parts.contains(&BenchPart::Forward) {
-        let (secs, mem) = timed(s.iters, device, |_| {
-            let trace = model.forward_encoder_unmasked(&imgs)?;
-            trace
-                .latent
-                .sum_all()?
-                .to_dtype(DType::F32)?
-                .to_scalar::<f32>()?;
-            Ok(())
-        })?;
-        rate_lines(
-            &mut out,
-            "forward",
-            s,
-            secs,
-            encoder_forward_flops_per_image(cfg),
-        );
-        memory_lines(&mut out, "forward", mem);
-    }
-    if s.parts.contains(&BenchPart::Spectrum) {
-        // As the spectra: the embedding and every block output, cls dropped, on the host.
-        let trace = model.forward_encoder_unmasked(&imgs)?;
-        let g = cfg.grid();
-        let (secs, _) = timed(s.iters, &Device::Cpu, |_| {
-            for layer in &trace.layers {
-                let t = layer.narrow(1, 1, g * g)?;
-                let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                delta_log_amplitude(&data, s.batch, g, g);
-            }
-            Ok(())
-        })?;
-        out.push(format!("spectrum_layers={}", trace.layers.len()));
-        out.push(format!("spectrum_s={secs:.5}"));
-    }
-    if s.parts.contains(&BenchPart::Hvp) || s.parts.contains(&BenchPart::Power) {
-        out.extend(hvp_lines(s, &mut model, &store, &imgs, &masks[0], device)?);
-    }
-    if s.parts.contains(&BenchPart::Data) {
-        // Input pipeline on the bundled photos (decoded once at open): crop, resize, flip and
-        // normalisation of one batch, on every core.
-        let photos = crate::data::Dataset::bundled()?;
-        for (name, augment) in [("mae", Augment::Mae), ("pixmim", Augment::Pixmim)] {
-            let (secs, _) = timed(s.iters, &Device::Cpu, |i| {
-                photos.train_batch(i as u64, s.batch, px as u32, augment, 0)?;
-                Ok(())
-            })?;
-            out.push(format!("data_{name}_batch_s={secs:.5}"));
-            out.push(format!(
-                "data_{name}_images_per_s={:.1}",
-                s.batch as f64 / secs
-            ));
+/// The training step: forward, backward and the AdamW update, a new mask each time.
+fn train_lines(
+    out: &mut Vec<String>,
+    s: &BenchSettings,
+    model: &Mae,
+    store: &crate::model::ParamStore,
+    imgs: &Tensor,
+    masks: &[Mask],
+    device: &Device,
+) -> Result<()> {
+    let rule = DecayRule {
+        decay_fusion_weights: true,
+    };
+    let mut opt = AdamW::new(store.trainable(), 0.05, rule)?;
+    let (secs, mem) = timed(s.iters, device, |i| {
+        let (_, grads) = crate::train::step::loss_and_grads(model, imgs, &masks[i])?;
+        opt.apply(&grads, 1e-6)?;
+        Ok(())
+    })?;
+    let flops = train_flops_per_image(&s.cfg, s.mask_ratio);
+    rate_lines(out, "train", s, secs, flops);
+    memory_lines(out, "train", mem);
+    Ok(())
+}
+
+/// As the spectra: the embedding and every block output, cls dropped, on the host.
+fn spectrum_lines(
+    out: &mut Vec<String>,
+    s: &BenchSettings,
+    model: &Mae,
+    imgs: &Tensor,
+) -> Result<()> {
+    let trace = model.forward_encoder_unmasked(imgs)?;
+    let g = s.cfg.grid();
+    let (secs, _) = timed(s.iters, &Device::Cpu, |_| {
+        for layer in &trace.layers {
+            let t = layer.narrow(1, 1, g * g)?;
+            let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            delta_log_amplitude(&data, s.batch, g, g);
         }
+        Ok(())
+    })?;
+    out.push(format!("spectrum_layers={}", trace.layers.len()));
+    out.push(format!("spectrum_s={secs:.5}"));
+    Ok(())
+}
+
+/// Input pipeline on the bundled photos (decoded once at open): crop, resize, flip and
+/// normalisation of one batch, on every core, per augmentation.
+fn data_lines(out: &mut Vec<String>, s: &BenchSettings) -> Result<()> {
+    let photos = crate::data::Dataset::bundled()?;
+    let px = s.cfg.img_size as u32;
+    for (name, augment) in [("mae", Augment::Mae), ("pixmim", Augment::Pixmim)] {
+        let (secs, _) = timed(s.iters, &Device::Cpu, |i| {
+            photos.train_batch(i as u64, s.batch, px, augment, 0)?;
+            Ok(())
+        })?;
+        out.push(format!("data_{name}_batch_s={secs:.5}"));
+        out.push(format!(
+            "data_{name}_images_per_s={:.1}",
+            s.batch as f64 / secs
+        ));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// One gradient and exact Hessian-vector products of the loss of the first `hvp_batch`

@@ -231,6 +231,25 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
     let rec = reconstruct(model, &imgs, &mask)
         .with_context(|| format!("running {} on {n} images", args.checkpoint.display()))?;
 
+    write_outputs(args, &rec, &ds.paths()[..n], cfg)?;
+    println!(
+        "reconstructed {n} images (shorter side resized to {s} px with bicubic Catmull-Rom, \
+         centre-cropped; mask ratio {}, loss {:.6}) into {}",
+        args.mask_ratio,
+        rec.loss,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Writes the figure, `losses.csv` (one row per path of `paths`) and the masks and inputs
+/// into `args.out`, created if needed.
+fn write_outputs(
+    args: &ReconstructArgs,
+    rec: &Reconstruction,
+    paths: &[PathBuf],
+    cfg: &crate::config::ModelConfig,
+) -> Result<()> {
     let out = &args.out;
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating the output folder {}", out.display()))?;
@@ -248,9 +267,9 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
         args.mask_ratio,
         args.seed
     );
-    let rows = figure_rows(&rec, cfg.patch_size)?;
+    let rows = figure_rows(rec, cfg.patch_size)?;
     figures::reconstruction_figure(&out.join("reconstruction.png"), &rows, &caption)?;
-    let csv = losses_csv(&ds.paths()[..n], &rec.per_image_loss);
+    let csv = losses_csv(paths, &rec.per_image_loss);
     crate::output::write_atomic(&out.join("losses.csv"), csv.as_bytes())?;
     let meta = HashMap::from([
         (
@@ -270,13 +289,6 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
         &BTreeMap::from([("images".to_string(), rec.inputs.clone())]),
         meta,
     )?;
-    println!(
-        "reconstructed {n} images (shorter side resized to {s} px with bicubic Catmull-Rom, \
-         centre-cropped; mask ratio {}, loss {:.6}) into {}",
-        args.mask_ratio,
-        rec.loss,
-        out.display()
-    );
     Ok(())
 }
 
