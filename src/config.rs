@@ -1,4 +1,8 @@
-//! Typed model configuration, presets, and the checkpoint's `config` JSON.
+//! Typed configuration: the model config, its presets and validation, the checkpoint's `config`
+//! JSON, a training run's config ([`TrainConfig`]) and the value enums of the command-line flags.
+//! Settings as given (a preset and overrides, steps or epochs) resolve into these in
+//! `config/options.rs` ([`ModelOptions`], [`TrainOptions`]). This layer imports only `data`'s
+//! enums, so every layer above may use it.
 //!
 //! The field names are facebookresearch/mae's `MaskedAutoencoderViT` constructor arguments, plus
 //! the MFF fields `fuse_layers`, `projection` and `fusion` (mmpretrain `MFFViT`). A checkpoint's

@@ -1,7 +1,14 @@
-//! Every subcommand's work: [`execute`] runs a parsed command. The analysis commands take
-//! resolved settings, run their analysis, and write tables (CSV) and figures (PNG and SVG) into
-//! their output folder; `reproduce` and `run` chain commands through [`execute`], so a recipe
-//! step behaves exactly as the same command typed on the command line.
+//! Every subcommand's work, one module each: [`execute`] runs a parsed command. Each module
+//! turns its command's flags (`crate::cli`, clap only) into settings (`SpectrumArgs::settings`,
+//! `TrainArgs::resolve`, ...); the flags every command shares, `--device` and the architecture
+//! of imported files, resolve here. The analysis commands run their analysis and write tables
+//! (CSV) and figures (PNG and SVG) into their output folder; `reproduce` and `run` chain
+//! commands through [`execute`], so a recipe step behaves exactly as the same command typed on
+//! the command line.
+//!
+//! Exit status, as ripgrep's: a command that runs and finds a problem (`parity` outside its
+//! tolerances) returns a [`Problem`] as its error, which `main` maps to 1; any other error to 2
+//! ([`exit_status`]).
 
 pub mod bench;
 pub mod fusion;
