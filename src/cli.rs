@@ -1,20 +1,27 @@
-//! Command-line interface (clap derive only) and the resolution of flags into typed configs.
+//! Command-line interface: clap derive only, the flags and their help.
+//!
+//! Nothing here resolves or validates: each command's module turns its flags into settings
+//! (`TrainArgs::resolve` and the `--device` and architecture flags in `commands/`,
+//! `SpectrumArgs::settings` in `commands/spectrum.rs`, ...), and models and runs resolve in
+//! [`crate::config`]. The value enums the flags take live in `config` and `data`.
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    default_fuse_layers, parse_fuse_layers, Fusion, ModelConfig, ModelKind, Preset, Projection,
-    TrainConfig, TrainPrecision,
+    BenchPart, Fusion, HvpKind, ModelKind, Precision, Preset, Projection, TrainPrecision,
 };
 use crate::data::Augment;
-use crate::train::schedule::absolute_lr;
+
+/// The exit status, as the top-level help states it (ripgrep's convention).
+const EXIT_STATUS: &str = "Exit status: 0 when the command succeeded; 1 when it ran and found a \
+problem (`parity` outside its tolerances); 2 for an error: bad flags or input, a missing or \
+unreadable file, a failed write.";
 
 /// Masked image modelling (MAE, MFF-MAE) training and analysis.
 #[derive(Debug, Parser)]
-#[command(name = "mimscope", version, about)]
+#[command(name = "mimscope", version, about, after_help = EXIT_STATUS)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -71,43 +78,6 @@ pub struct DeviceArgs {
     pub device: String,
 }
 
-impl DeviceArgs {
-    pub fn device(&self) -> Result<candle_core::Device> {
-        match self.device.as_str() {
-            "cpu" => Ok(candle_core::Device::Cpu),
-            d if d.starts_with("cuda") => {
-                let idx: usize = match d.strip_prefix("cuda").unwrap_or("") {
-                    "" => 0,
-                    rest => rest.trim_start_matches(':').parse().map_err(|_| {
-                        anyhow::anyhow!("--device {d}: write cuda:N with N the GPU index")
-                    })?,
-                };
-                if cfg!(feature = "cuda") {
-                    candle_core::Device::new_cuda(idx).map_err(|e| {
-                        let e = match e {
-                            candle_core::Error::WithBacktrace { inner, .. } => *inner,
-                            e => e,
-                        };
-                        anyhow::anyhow!(
-                            "--device {d}: CUDA could not start GPU {idx} ({e}). Check that \
-                             `nvidia-smi` lists it, and that the CUDA 13 libraries (libcudart, \
-                             libcublas, libcurand) are on LD_LIBRARY_PATH, as \
-                             scripts/gpu-check.sh sets it"
-                        )
-                    })
-                } else {
-                    bail!(
-                        "--device {d}: this mimscope was built without CUDA; build one with \
-                         scripts/build-cuda.sh (or `cargo build --release --features cuda` \
-                         where CUDA is installed; see the README's GPU set-up)"
-                    )
-                }
-            }
-            d => bail!("--device {d}: expected `cpu` or `cuda:N`"),
-        }
-    }
-}
-
 /// Architecture flags: a preset, then any field overridden.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
@@ -157,45 +127,6 @@ pub struct ModelArgs {
     /// MFF: how fused layers are combined.
     #[arg(long, value_enum, default_value = "weighted")]
     pub fusion: Fusion,
-}
-
-impl ModelArgs {
-    /// The preset with every override applied, validated.
-    pub fn resolve(&self) -> Result<ModelConfig> {
-        let mut c = self.preset.config();
-        macro_rules! over {
-            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
-        }
-        over!(
-            img_size,
-            patch_size,
-            embed_dim,
-            depth,
-            num_heads,
-            decoder_embed_dim,
-            decoder_depth,
-            decoder_num_heads,
-            mlp_ratio,
-            norm_pix_loss
-        );
-        match self.model {
-            ModelKind::Mae => {
-                if self.fuse_layers.is_some() {
-                    bail!("--fuse-layers applies to --model mff only");
-                }
-            }
-            ModelKind::Mff => {
-                c.fuse_layers = match &self.fuse_layers {
-                    Some(s) => parse_fuse_layers(s, c.depth)?,
-                    None => default_fuse_layers(c.depth),
-                };
-                c.projection = self.projection;
-                c.fusion = self.fusion;
-            }
-        }
-        c.validate()?;
-        Ok(c)
-    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -268,57 +199,6 @@ pub struct TrainArgs {
     pub device: DeviceArgs,
 }
 
-impl TrainArgs {
-    /// Flags -> validated run config. `dataset_size` converts epochs to steps.
-    pub fn resolve(&self, dataset_size: usize) -> Result<TrainConfig> {
-        let model = self.model.resolve()?;
-        if self.batch_size == 0 {
-            bail!("--batch-size must be positive");
-        }
-        let steps_per_epoch = ((dataset_size / self.batch_size) as u64).max(1);
-        let epochs_to_steps = |e: f64, flag: &str| -> Result<u64> {
-            if !(e.is_finite() && e >= 0.0) {
-                bail!("{flag} must be a non-negative number, got {e}");
-            }
-            Ok((e * steps_per_epoch as f64).round() as u64)
-        };
-        let steps = match (self.steps, self.epochs) {
-            (Some(s), _) => s,
-            (None, Some(e)) => epochs_to_steps(e, "--epochs")?,
-            (None, None) => 200,
-        };
-        let warmup_steps = match (self.warmup_steps, self.warmup_epochs) {
-            (Some(w), _) => w,
-            (None, Some(e)) => epochs_to_steps(e, "--warmup-epochs")?,
-            (None, None) => steps / 10,
-        };
-        let cfg = TrainConfig {
-            model_kind: self.model.model,
-            preset: self.model.preset,
-            model,
-            data: self.data.clone(),
-            dataset_size,
-            batch_size: self.batch_size,
-            steps,
-            warmup_steps,
-            blr: self.blr,
-            lr: absolute_lr(self.blr, self.batch_size),
-            weight_decay: self.weight_decay,
-            decay_fusion_weights: !self.no_decay_fusion_weights,
-            mask_ratio: self.mask_ratio,
-            augment: self.augment.unwrap_or(match self.model.model {
-                ModelKind::Mae => Augment::Mae,
-                ModelKind::Mff => Augment::Pixmim,
-            }),
-            seed: self.seed,
-            save_every: self.save_every,
-            precision: self.precision,
-        };
-        cfg.validate()?;
-        Ok(cfg)
-    }
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct ReconstructCli {
     /// Weights file: mimscope's .safetensors, or a .pth / .safetensors with MAE's or mmpretrain's
@@ -367,7 +247,7 @@ pub struct BenchArgs {
         value_delimiter = ',',
         default_value = "train,forward,data"
     )]
-    pub parts: Vec<crate::bench::Part>,
+    pub parts: Vec<BenchPart>,
     /// Images in the loss whose Hessian-vector products `--parts hvp,power` time.
     #[arg(long, default_value_t = 8)]
     pub hvp_batch: usize,
@@ -377,21 +257,6 @@ pub struct BenchArgs {
     pub peak_tflops: Option<f64>,
     #[command(flatten)]
     pub device: DeviceArgs,
-}
-
-impl BenchArgs {
-    pub fn settings(&self) -> crate::bench::BenchSettings {
-        crate::bench::BenchSettings {
-            cfg: crate::bench::bench_config(self.model.model, self.model.preset),
-            batch: self.batch_size,
-            iters: self.iters,
-            precision: self.precision,
-            mask_ratio: self.mask_ratio,
-            parts: self.parts.clone(),
-            hvp_batch: self.hvp_batch,
-            peak_tflops: self.peak_tflops,
-        }
-    }
 }
 
 /// Compare a device with the CPU on one batch.
@@ -459,20 +324,6 @@ pub struct SpectrumArgs {
     pub device: DeviceArgs,
 }
 
-impl SpectrumArgs {
-    pub fn settings(&self) -> crate::commands::spectrum::SpectrumSettings {
-        crate::commands::spectrum::SpectrumSettings {
-            checkpoints: self.checkpoints.clone(),
-            data: self.data.clone(),
-            images: self.images,
-            batch_size: self.batch_size,
-            sublayers: self.sublayers,
-            out: self.out.clone(),
-            overrides: self.arch.overrides(),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct FusionArgs {
     /// A run folder (plots its fusion_weights.csv), or checkpoint files (tabulates their weights).
@@ -487,31 +338,6 @@ pub struct FusionArgs {
     /// Architecture of checkpoints that store no mimscope config (.pth).
     #[command(flatten)]
     pub arch: ImportArgs,
-}
-
-/// How Hessian-vector products are computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum HvpKind {
-    /// Double backward.
-    Exact,
-    /// Central finite differences of two gradients.
-    Fd,
-}
-
-/// Floating-point type of an analysis.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Precision {
-    F32,
-    F64,
-}
-
-impl Precision {
-    pub fn dtype(self) -> candle_core::DType {
-        match self {
-            Precision::F32 => candle_core::DType::F32,
-            Precision::F64 => candle_core::DType::F64,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -571,35 +397,6 @@ pub struct HessianArgs {
     pub device: DeviceArgs,
 }
 
-impl HessianArgs {
-    pub fn settings(&self) -> crate::commands::hessian::HessianSettings {
-        use crate::analysis::hvp::HvpMethod;
-        crate::commands::hessian::HessianSettings {
-            checkpoints: self.checkpoints.clone(),
-            data: self.data.clone(),
-            batches: self.batches,
-            batch_size: self.batch_size,
-            micro_batch: self.micro_batch,
-            top_k: self.top_k,
-            power: crate::analysis::hessian::PowerSettings {
-                max_iters: self.max_iters,
-                tol: self.tol,
-            },
-            seed: self.seed,
-            mask_ratio: self.mask_ratio,
-            weight_decay: self.weight_decay,
-            method: match self.hvp {
-                HvpKind::Exact => HvpMethod::Exact,
-                HvpKind::Fd => HvpMethod::FiniteDifference { eps: self.fd_eps },
-            },
-            trace_samples: self.trace,
-            dtype: self.precision.dtype(),
-            out: self.out.clone(),
-            overrides: self.arch.overrides(),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct ReproduceArgs {
     /// Output folder (runs, analyses and report.md); rerunning skips finished training.
@@ -631,80 +428,6 @@ pub struct RunArgs {
     pub recipe: PathBuf,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(args: &[&str]) -> TrainArgs {
-        let mut full = vec!["mimscope", "train", "--out", "x"];
-        full.extend_from_slice(args);
-        match Cli::parse_from(full).command {
-            Command::Train(t) => t,
-            _ => unreachable!(),
-        }
-    }
-
-    #[test]
-    fn resume_takes_no_run_flags() {
-        let ok = Cli::try_parse_from(["mimscope", "train", "--resume", "r", "--device", "cpu"]);
-        assert!(ok.is_ok());
-        for flag in [
-            ["--steps", "5"],
-            ["--blr", "1"],
-            ["--out", "x"],
-            ["--model", "mff"],
-        ] {
-            let mut args = vec!["mimscope", "train", "--resume", "r"];
-            args.extend(flag);
-            let err = Cli::try_parse_from(args).unwrap_err().to_string();
-            assert!(err.contains("cannot be used with"), "{flag:?}: {err}");
-        }
-    }
-
-    #[test]
-    fn mff_without_shallow_layers_is_mae() {
-        let mae = parse(&["--model", "mae"]).resolve(100).unwrap();
-        let mff = parse(&["--model", "mff", "--fuse-layers", "none"])
-            .resolve(100)
-            .unwrap();
-        assert_eq!(mae.model, mff.model);
-        assert!(!mff.model.is_mff());
-    }
-
-    #[test]
-    fn defaults_and_derived_values() {
-        let c = parse(&["--model", "mff"]).resolve(1000).unwrap();
-        assert_eq!(c.model.fuse_layers, vec![0, 2, 4, 6, 8]);
-        assert_eq!(c.augment, Augment::Pixmim);
-        assert_eq!(c.steps, 200);
-        assert_eq!(c.warmup_steps, 20);
-        assert!((c.lr - 1.5e-4 * 64.0 / 256.0).abs() < 1e-15);
-        // 1000 images / batch 64 = 15 steps per epoch (drop_last).
-        let c = parse(&["--epochs", "2", "--warmup-epochs", "1"])
-            .resolve(1000)
-            .unwrap();
-        assert_eq!((c.steps, c.warmup_steps), (30, 15));
-        let c = parse(&[
-            "--embed-dim",
-            "96",
-            "--depth",
-            "4",
-            "--norm-pix-loss",
-            "false",
-        ])
-        .resolve(10)
-        .unwrap();
-        assert_eq!(
-            (c.model.embed_dim, c.model.depth, c.model.norm_pix_loss),
-            (96, 4, false)
-        );
-        assert!(parse(&["--model", "mae", "--fuse-layers", "0"])
-            .resolve(10)
-            .is_err());
-        assert!(parse(&["--warmup-steps", "300"]).resolve(10).is_err());
-    }
-}
-
 /// What a checkpoint's tensor shapes cannot tell; used when the file stores no mimscope config
 /// (and overriding a stored one).
 #[derive(Debug, Clone, Default, Args)]
@@ -727,17 +450,6 @@ pub struct ImportArgs {
     pub no_norm_pix_loss: bool,
 }
 
-impl ImportArgs {
-    pub fn overrides(&self) -> crate::checkpoint::ModelOverrides {
-        crate::checkpoint::ModelOverrides {
-            num_heads: self.num_heads,
-            decoder_num_heads: self.decoder_num_heads,
-            fuse_layers: self.fuse_layers.clone(),
-            norm_pix_loss: self.no_norm_pix_loss.then_some(false),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct ConvertArgs {
     /// Input checkpoint: .pth (torch.save zip; weights under `state_dict`, `model` or bare) or
@@ -747,4 +459,26 @@ pub struct ConvertArgs {
     pub output: PathBuf,
     #[command(flatten)]
     pub arch: ImportArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_takes_no_run_flags() {
+        let ok = Cli::try_parse_from(["mimscope", "train", "--resume", "r", "--device", "cpu"]);
+        assert!(ok.is_ok());
+        for flag in [
+            ["--steps", "5"],
+            ["--blr", "1"],
+            ["--out", "x"],
+            ["--model", "mff"],
+        ] {
+            let mut args = vec!["mimscope", "train", "--resume", "r"];
+            args.extend(flag);
+            let err = Cli::try_parse_from(args).unwrap_err().to_string();
+            assert!(err.contains("cannot be used with"), "{flag:?}: {err}");
+        }
+    }
 }

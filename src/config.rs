@@ -1,4 +1,8 @@
-//! Typed model configuration, presets, and the checkpoint's `config` JSON.
+//! Typed configuration: the model config, its presets and validation, the checkpoint's `config`
+//! JSON, a training run's config ([`TrainConfig`]) and the value enums of the command-line flags.
+//! Settings as given (a preset and overrides, steps or epochs) resolve into these in
+//! `config/options.rs` ([`ModelOptions`], [`TrainOptions`]). This layer imports only `data`'s
+//! enums, so every layer above may use it.
 //!
 //! The field names are facebookresearch/mae's `MaskedAutoencoderViT` constructor arguments, plus
 //! the MFF fields `fuse_layers`, `projection` and `fusion` (mmpretrain `MFFViT`). A checkpoint's
@@ -7,6 +11,10 @@
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+
+mod options;
+
+pub use options::{ModelOptions, TrainOptions};
 
 /// How each shallow fused layer is projected before fusion (MFF paper ablation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -182,6 +190,31 @@ pub fn parse_fuse_layers(s: &str, depth: usize) -> Result<Vec<usize>> {
     }
 }
 
+/// floor(L * (1 - ratio)), as `int(L * (1 - mask_ratio))` in MAE: the patches a mask keeps
+/// visible (here, not in `model::masking`, because validating a run needs it).
+pub fn len_keep(num_patches: usize, ratio: f64) -> usize {
+    (num_patches as f64 * (1.0 - ratio)) as usize
+}
+
+/// Checks that `ratio` removes at least one and keeps at least one of `num_patches`; returns
+/// len_keep, or a message naming `--mask-ratio`.
+pub fn check_ratio(num_patches: usize, ratio: f64) -> std::result::Result<usize, String> {
+    let keep = len_keep(num_patches, ratio);
+    if ratio > 0.0 && ratio < 1.0 && keep > 0 && keep < num_patches {
+        Ok(keep)
+    } else {
+        Err(format!(
+            "--mask-ratio {ratio} must be in (0, 1) and keep at least one and remove at least \
+             one of the {num_patches} patches"
+        ))
+    }
+}
+
+/// Absolute learning rate from the base one: lr = blr * batch / 256 (MAE's linear scaling).
+pub fn absolute_lr(blr: f64, batch_size: usize) -> f64 {
+    blr * batch_size as f64 / 256.0
+}
+
 impl ModelConfig {
     pub fn grid(&self) -> usize {
         self.img_size / self.patch_size
@@ -317,6 +350,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn len_keep_matches_mae() {
+        assert_eq!(len_keep(196, 0.75), 49);
+        assert_eq!(len_keep(64, 0.75), 16);
+        assert_eq!(len_keep(16, 0.75), 4);
+        assert_eq!(len_keep(10, 0.75), 2); // int(2.5)
+    }
+
+    #[test]
+    fn mask_ratios_keep_and_remove_a_patch() {
+        assert_eq!(check_ratio(16, 0.75), Ok(4));
+        for bad in [0.0, 1.0, 0.99, -0.5, f64::NAN] {
+            let e = check_ratio(16, bad).unwrap_err();
+            assert!(e.contains("--mask-ratio"), "{e}");
+        }
+        assert_eq!(absolute_lr(1.5e-4, 4096), 1.5e-4 * 16.0);
+    }
+
+    #[test]
     fn default_fuse_layers_match_mmpretrain_for_depth_12() {
         assert_eq!(default_fuse_layers(12), vec![0, 2, 4, 6, 8]);
         assert_eq!(default_fuse_layers(24), vec![0, 4, 8, 12, 16]);
@@ -361,7 +412,7 @@ mod tests {
 }
 
 /// A resolved training run, as written to `RUN_DIR/config.json`. Derived values (absolute lr,
-/// steps, warmup) are computed once by [`crate::cli`] and stored, so a resumed run uses exactly
+/// steps, warmup) are computed once by [`TrainOptions::resolve`] and stored, so a resumed run uses exactly
 /// what the first one used.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -427,12 +478,6 @@ impl TrainConfig {
         ((dataset_size / self.batch_size) as u64).max(1)
     }
 
-    pub fn decay_rule(&self) -> crate::train::optim::DecayRule {
-        crate::train::optim::DecayRule {
-            decay_fusion_weights: self.decay_fusion_weights,
-        }
-    }
-
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         if self.model.in_chans != 3 {
@@ -460,11 +505,53 @@ impl TrainConfig {
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             bail!("--weight-decay must be >= 0, got {}", self.weight_decay);
         }
-        crate::model::masking::check_ratio(self.model.num_patches(), self.mask_ratio)
-            .map_err(anyhow::Error::msg)?;
+        check_ratio(self.model.num_patches(), self.mask_ratio).map_err(anyhow::Error::msg)?;
         if self.save_every == 0 {
             bail!("--save-every must be positive");
         }
         Ok(())
     }
+}
+
+/// How Hessian-vector products are computed (`hessian --hvp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HvpKind {
+    /// Double backward.
+    Exact,
+    /// Central finite differences of two gradients.
+    Fd,
+}
+
+/// Floating-point type of an analysis (`hessian --precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    F32,
+    F64,
+}
+
+impl Precision {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::F64 => candle_core::DType::F64,
+        }
+    }
+}
+
+/// Parts of the benchmark (`bench --parts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchPart {
+    /// Training step: forward, backward, AdamW.
+    Train,
+    /// Unmasked encoder forward, every block output kept.
+    Forward,
+    /// The Fourier recipe on the unmasked encoder's embedding and block outputs (spectra).
+    Spectrum,
+    /// One exact Hessian-vector product against one gradient (f32, `--hvp-batch` images).
+    Hvp,
+    /// 20 power-iteration steps with exact products, set-up included (`--hvp-batch` images);
+    /// the median of `--iters` / 5 runs (at least one) after a warm-up, as the reference script.
+    Power,
+    /// Building one training batch from the bundled photos, per augmentation.
+    Data,
 }

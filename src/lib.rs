@@ -4,7 +4,6 @@
 //! L patches, K visible patches, N tokens, D encoder width, Dd decoder width, P = p*p*C.
 
 pub mod analysis;
-pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod commands;
@@ -16,7 +15,5 @@ pub mod kernels;
 pub mod memory;
 pub mod model;
 pub mod output;
-pub mod parity;
-pub mod reconstruct;
 pub mod rng;
 pub mod train;

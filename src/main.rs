@@ -41,11 +41,11 @@ fn main() -> ExitCode {
             std::env::set_var(var, value);
         }
     }
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+    // 0, 1 for a problem found (parity out of tolerance), 2 for an error; clap exits 2 itself
+    // for usage errors, 0 for --help and --version.
+    let result = run();
+    if let Err(e) = &result {
+        eprintln!("error: {e:#}");
     }
+    ExitCode::from(mimscope::commands::exit_status(&result))
 }

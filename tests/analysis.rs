@@ -12,9 +12,9 @@ use mimscope::analysis::spectrum::{delta_log_amplitude, Accumulator};
 use mimscope::checkpoint::load_model;
 use mimscope::commands::spectrum::model_curves;
 use mimscope::config::ModelConfig;
+use mimscope::model::params::DecayRule;
 use mimscope::model::{Mae, Mask};
 use mimscope::rng::{stream, Purpose};
-use mimscope::train::optim::DecayRule;
 
 use crate::common::{assert_close, fixture, load, to_vec};
 

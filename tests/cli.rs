@@ -210,7 +210,6 @@ fn same_seed_same_run_and_kill_then_resume_is_exact() {
         "--depth",
         "6",
     ];
-    // The tiny preset's width keeps steps slow enough to kill the second run midway.
     let mut args_a = vec![
         "train",
         "--model",
@@ -225,7 +224,11 @@ fn same_seed_same_run_and_kill_then_resume_is_exact() {
     args_a.extend_from_slice(&extra);
     ok(&args_a);
 
-    // Same seed, killed with SIGKILL after its second checkpoint, then resumed.
+    // Same seed, killed with SIGKILL once its step-6 checkpoint exists, then resumed. Wherever
+    // the kill lands (on a fast machine, even after the run's end), the folder is then cut back
+    // to that checkpoint: the later checkpoints and final.safetensors go, as if the kill had
+    // come right after step 6's; metrics rows past step 6 stay, for the resume to drop. So the
+    // resume starts from step 6 whatever the machine's speed.
     let b = tmp.path().join("b");
     let mut args_b = args_a.clone();
     args_b[6] = s(&b);
@@ -235,17 +238,32 @@ fn same_seed_same_run_and_kill_then_resume_is_exact() {
         .spawn()
         .unwrap();
     let marker = b.join("checkpoints/step_0000006.safetensors");
-    let t0 = Instant::now();
-    while !marker.exists() && t0.elapsed() < Duration::from_secs(300) {
-        std::thread::sleep(Duration::from_millis(5));
+    let deadline = Instant::now() + Duration::from_secs(900);
+    // The weights are written after the optimiser state, each atomically: once the weights
+    // exist, the pair is complete.
+    while !marker.exists() && child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no step-6 checkpoint in 15 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
-    child.kill().unwrap(); // SIGKILL
+    let _ = child.kill(); // SIGKILL; Ok or an error if the run has already ended
     child.wait().unwrap();
-    // Six more steps of the tiny-width model take far longer than the 5 ms poll.
     assert!(
-        !b.join("final.safetensors").exists(),
-        "the run finished before it was killed"
+        marker.exists(),
+        "the run ended without writing its step-6 checkpoint"
     );
+    for step in [9, 12] {
+        for f in [
+            format!("checkpoints/step_{step:07}.safetensors"),
+            format!("checkpoints/step_{step:07}.state.safetensors"),
+        ] {
+            let _ = std::fs::remove_file(b.join(f));
+        }
+    }
+    let _ = std::fs::remove_file(b.join("final.safetensors"));
+    let _ = std::fs::remove_dir_all(b.join("reconstruction"));
     ok(&["train", "--resume", s(&b)]);
     let fa = weights(&a.join("final.safetensors"));
     assert!(
@@ -926,11 +944,11 @@ fn bench_reports_speed_flops_memory_and_hvp_cost() {
         assert!(num(key) > 0.0, "{key}");
     }
     // The printed FLOPs are the model's (tiny MFF at mask 0.75), and the rates follow from them.
-    let cfg = mimscope::bench::bench_config(
+    let cfg = mimscope::commands::bench::bench_config(
         mimscope::config::ModelKind::Mff,
         mimscope::config::Preset::Tiny,
     );
-    let f = mimscope::bench::train_flops_per_image(&cfg, 0.75);
+    let f = mimscope::commands::bench::train_flops_per_image(&cfg, 0.75);
     assert_eq!(k["train_flops_per_image"], format!("{f:.4e}"));
     let tflops = f * 4.0 / num("train_step_s") / 1e12;
     assert!((num("train_tflops_per_s") / tflops - 1.0).abs() < 1e-2);
@@ -966,8 +984,49 @@ fn parity_of_the_cpu_with_itself_and_with_bf16() {
     let loss_rel: f64 = k["loss_rel"].split(' ').next().unwrap().parse().unwrap();
     assert!(loss_rel > 0.0 && loss_rel < 5e-3, "{loss_rel}");
     assert!(k["features_rel_max"].contains("(tolerance 3e-2)"), "{k:?}");
-    let err = fails(&["parity", "--checkpoint", "no/such.safetensors"]);
+    let out = run(&["parity", "--checkpoint", "no/such.safetensors"]);
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no/such.safetensors"), "{err}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a missing checkpoint is an error"
+    );
+}
+
+/// Exit status as ripgrep's: 0 success, 1 a problem found, 2 an error (clap's usage errors too).
+#[test]
+fn exit_status_is_0_ok_1_problem_found_2_error() {
+    use candle_core::{DType, Device, Tensor};
+    let code = |args: &[&str]| run(args).status.code();
+    assert_eq!(code(&["--help"]), Some(0));
+    let help = String::from_utf8_lossy(&run(&["--help"]).stdout).into_owned();
+    assert!(help.contains("Exit status: 0"), "{help}");
+    assert_eq!(code(&["train", "--no-such-flag"]), Some(2));
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing.safetensors");
+    let out = tmp.path().join("out");
+    assert_eq!(
+        code(&["reconstruct", "--checkpoint", s(&missing), "--out", s(&out)]),
+        Some(2)
+    );
+
+    // A checkpoint whose prediction head is NaN: parity runs, and both sides' NaN loss is
+    // outside every tolerance (NaN fails), so it reports a problem, not an error.
+    let cfg = mimscope::config::test_config();
+    let (_, store) = mimscope::model::Mae::init(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
+    let mut tensors = store.tensors();
+    let w = &tensors["decoder_pred.weight"];
+    let nan = Tensor::full(f32::NAN, w.shape(), &Device::Cpu).unwrap();
+    tensors.insert("decoder_pred.weight".to_string(), nan);
+    let store = mimscope::model::ParamStore::from_tensors(tensors).unwrap();
+    let nan_ckpt = tmp.path().join("nan.safetensors");
+    mimscope::checkpoint::save_weights(&nan_ckpt, &cfg, &store, Default::default()).unwrap();
+    let out = run(&["parity", "--checkpoint", s(&nan_ckpt), "--batch-size", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(keys(&out)["parity"], "fail");
+    assert!(stderr.contains("disagrees with the CPU"), "{stderr}");
 }
 
 #[test]

@@ -280,10 +280,8 @@ fn bf16_matmuls_keep_f32_parameters_gradients_and_loss_close() {
 
 #[test]
 fn gradient_norm_guard_sees_nan_and_measures_the_norm() {
-    use mimscope::train::{
-        grad_norm,
-        optim::{AdamW, DecayRule},
-    };
+    use mimscope::model::params::DecayRule;
+    use mimscope::train::{grad_norm, optim::AdamW};
     let cfg = small(vec![]);
     let (model, store) = Mae::init(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
     let opt = AdamW::new(

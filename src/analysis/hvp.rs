@@ -35,7 +35,7 @@ use crate::kernels::second_order::second_order;
 pub use crate::kernels::second_order::with_second_order;
 use crate::kernels::{directional, shard_ranges, shards};
 use crate::model::{Mae, Mask, ParamStore};
-use crate::train::optim::DecayRule;
+use crate::model::params::DecayRule;
 
 /// How Hessian-vector products are computed.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -20,14 +20,14 @@ use crate::analysis::hessian::{hutchinson_trace, top_eigen, PowerSettings};
 use crate::analysis::hvp::{with_second_order, HvpMethod, Objective};
 use crate::checkpoint::ModelOverrides;
 use crate::checkpoint::{load_model_with, save_tensors, Loaded};
-use crate::config::ModelConfig;
+use crate::cli::HessianArgs;
+use crate::config::{check_ratio, HvpKind, ModelConfig};
 use crate::figures::charts::{save, EigenDistribution};
-use crate::model::masking::check_ratio;
+use crate::model::params::DecayRule;
 use crate::model::Mask;
 use crate::output::write_atomic;
 use crate::rng::{stream, Purpose};
 use crate::train::open_dataset;
-use crate::train::optim::DecayRule;
 
 /// What `hessian` computes.
 #[derive(Debug, Clone)]
@@ -417,4 +417,33 @@ fn write_outputs(
         out.display()
     );
     Ok(())
+}
+
+impl HessianArgs {
+    /// The flags as settings.
+    pub fn settings(&self) -> HessianSettings {
+        HessianSettings {
+            checkpoints: self.checkpoints.clone(),
+            data: self.data.clone(),
+            batches: self.batches,
+            batch_size: self.batch_size,
+            micro_batch: self.micro_batch,
+            top_k: self.top_k,
+            power: PowerSettings {
+                max_iters: self.max_iters,
+                tol: self.tol,
+            },
+            seed: self.seed,
+            mask_ratio: self.mask_ratio,
+            weight_decay: self.weight_decay,
+            method: match self.hvp {
+                HvpKind::Exact => HvpMethod::Exact,
+                HvpKind::Fd => HvpMethod::FiniteDifference { eps: self.fd_eps },
+            },
+            trace_samples: self.trace,
+            dtype: self.precision.dtype(),
+            out: self.out.clone(),
+            overrides: self.arch.overrides(),
+        }
+    }
 }

@@ -1,24 +1,34 @@
-//! Every subcommand's work: [`execute`] runs a parsed command. The analysis commands take
-//! resolved settings, run their analysis, and write tables (CSV) and figures (PNG and SVG) into
-//! their output folder; `reproduce` and `run` chain commands through [`execute`], so a recipe
-//! step behaves exactly as the same command typed on the command line.
+//! Every subcommand's work, one module each: [`execute`] runs a parsed command. Each module
+//! turns its command's flags (`crate::cli`, clap only) into settings (`SpectrumArgs::settings`,
+//! `TrainArgs::resolve`, ...); the flags every command shares, `--device` and the architecture
+//! of imported files, resolve here. The analysis commands run their analysis and write tables
+//! (CSV) and figures (PNG and SVG) into their output folder; `reproduce` and `run` chain
+//! commands through [`execute`], so a recipe step behaves exactly as the same command typed on
+//! the command line.
+//!
+//! Exit status, as ripgrep's: a command that runs and finds a problem (`parity` outside its
+//! tolerances) returns a [`Problem`] as its error, which `main` maps to 1; any other error to 2
+//! ([`exit_status`]).
 
+pub mod bench;
 pub mod convert;
 pub mod fusion;
 pub mod hessian;
 pub mod inspect;
+pub mod parity;
 pub mod recipe;
+pub mod reconstruct;
 pub mod reproduce;
 pub mod spectrum;
+pub mod train;
 
-use std::path::Path;
+pub use train::train_or_continue;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 
-use crate::cli::{Command, TrainArgs};
-use crate::reconstruct::ReconstructArgs;
-use crate::train::{self, Start, FINAL_FILE};
+use crate::checkpoint::ModelOverrides;
+use crate::cli::{Command, DeviceArgs, ImportArgs};
 
 /// Parses a full command line (`mimscope <command> ...`) as the binary does; clap's message,
 /// usage included, becomes the error.
@@ -44,19 +54,8 @@ pub fn execute(command: Command) -> Result<()> {
 
 fn run_command(command: Command) -> Result<()> {
     match command {
-        Command::Train(args) => train_command(&args),
-        Command::Reconstruct(a) => {
-            let device = a.device.device()?;
-            let args = ReconstructArgs {
-                checkpoint: a.checkpoint,
-                data: a.data,
-                images: a.images,
-                seed: a.seed,
-                mask_ratio: a.mask_ratio,
-                out: a.out,
-            };
-            crate::reconstruct::run(&args, &device)
-        }
+        Command::Train(args) => train::run(&args),
+        Command::Reconstruct(a) => reconstruct::run(&(&a).into(), &a.device.device()?),
         Command::Inspect { checkpoint, arch } => {
             print!("{}", inspect::run_with(&checkpoint, &arch.overrides())?);
             Ok(())
@@ -70,12 +69,12 @@ fn run_command(command: Command) -> Result<()> {
         }
         Command::Bench(a) => {
             let device = a.device.device()?;
-            for line in crate::bench::run(&a.settings(), &device)? {
+            for line in bench::run(&a.settings(), &device)? {
                 println!("{line}");
             }
             Ok(())
         }
-        Command::Parity(a) => crate::parity::run(&a),
+        Command::Parity(a) => parity::run(&a),
         Command::Spectrum(a) => spectrum::run(&a.settings(), &a.device.device()?).map(|_| ()),
         Command::Fusion(a) => {
             let s = fusion::FusionSettings {
@@ -93,98 +92,94 @@ fn run_command(command: Command) -> Result<()> {
     }
 }
 
-/// `train`: a new run or `--resume`, ending with reconstructions of its first images.
-fn train_command(args: &TrainArgs) -> Result<()> {
-    let device = args.device.device()?;
-    let (run_dir, start) = match &args.resume {
-        Some(dir) => (dir.clone(), Start::Resume),
-        None => {
-            let dataset = train::open_dataset(args.data.as_deref())?;
-            let cfg = args.resolve(dataset.len())?;
-            if args.print_config {
-                println!("{}", serde_json::to_string_pretty(&cfg)?);
-                return Ok(());
-            }
-            let out = args.out.clone().context("--out RUN_DIR is required")?;
-            (out, Start::Fresh(cfg, dataset))
-        }
-    };
-    train_and_reconstruct(&run_dir, start, &device)
+/// What a command found, as opposed to an error that kept it from running: `parity` outside its
+/// tolerances. Returned as the error (so chains stop at it, with its message), it gives exit
+/// status 1 where any other error gives 2 ([`exit_status`]).
+#[derive(Debug)]
+pub struct Problem(pub String);
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
-/// Trains, then reconstructs the run's first 8 images into `RUN_DIR/reconstruction`.
-fn train_and_reconstruct(run_dir: &Path, start: Start, device: &candle_core::Device) -> Result<()> {
-    let (final_ck, cfg) = train::train(run_dir, start, device)?;
-    let rec = ReconstructArgs {
-        checkpoint: final_ck,
-        data: cfg.data.clone(),
-        images: 8,
-        seed: cfg.seed,
-        mask_ratio: cfg.mask_ratio,
-        out: run_dir.join("reconstruction"),
-    };
-    crate::reconstruct::run(&rec, device)
+impl std::error::Error for Problem {}
+
+/// The process's exit status for a command's result, as ripgrep's: 0 success, 1 a [`Problem`]
+/// (anywhere in the error's context chain, so a recipe step's one counts), 2 any other error.
+/// clap's own usage errors exit 2 before any command runs.
+pub fn exit_status(result: &Result<()>) -> u8 {
+    match result {
+        Ok(()) => 0,
+        Err(e) if e.chain().any(|c| c.is::<Problem>()) => 1,
+        Err(_) => 2,
+    }
 }
 
-/// A train step of a chain: skipped when its run folder already holds `final.safetensors`,
-/// resumed when it holds an unfinished run, started otherwise. So an interrupted `reproduce`
-/// or recipe continues where it stopped.
-pub fn train_or_continue(args: &TrainArgs) -> Result<()> {
-    let Some(out) = args.out.as_deref().filter(|_| args.resume.is_none()) else {
-        return train_command(args);
-    };
-    if is_started_run(out) {
-        check_same_settings(out, args)?;
-    }
-    if out.join(FINAL_FILE).exists() {
-        eprintln!("{} is complete: training skipped", out.display());
-        return Ok(());
-    }
-    if is_started_run(out) {
-        eprintln!(
-            "{} holds an unfinished run: resuming it with its saved config",
-            out.display()
-        );
-        return train_and_reconstruct(out, Start::Resume, &args.device.device()?);
-    }
-    train_command(args)
-}
-
-/// Refuses to continue or reuse a run trained with other settings than `args` asks for.
-fn check_same_settings(run_dir: &Path, args: &TrainArgs) -> Result<()> {
-    let path = run_dir.join(train::CONFIG_FILE);
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let stored: crate::config::TrainConfig =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let wanted = args.resolve(stored.dataset_size)?;
-    let (a, b) = (
-        serde_json::to_value(&stored)?,
-        serde_json::to_value(&wanted)?,
-    );
-    if a != b {
-        let diff: Vec<String> = match (a.as_object(), b.as_object()) {
-            (Some(a), Some(b)) => a
-                .iter()
-                .filter(|(k, v)| b.get(*k) != Some(*v))
-                .map(|(k, v)| {
-                    format!(
-                        "{k}: {v} there, {} asked",
-                        b.get(k).unwrap_or(&serde_json::Value::Null)
+impl DeviceArgs {
+    /// `--device`: `cpu`, or `cuda:N` (`cuda` = `cuda:0`) in a build with the `cuda` feature.
+    pub fn device(&self) -> Result<candle_core::Device> {
+        match self.device.as_str() {
+            "cpu" => Ok(candle_core::Device::Cpu),
+            d if d.starts_with("cuda") => {
+                let idx: usize = match d.strip_prefix("cuda").unwrap_or("") {
+                    "" => 0,
+                    rest => rest.trim_start_matches(':').parse().map_err(|_| {
+                        anyhow::anyhow!("--device {d}: write cuda:N with N the GPU index")
+                    })?,
+                };
+                if cfg!(feature = "cuda") {
+                    candle_core::Device::new_cuda(idx).map_err(|e| {
+                        let e = match e {
+                            candle_core::Error::WithBacktrace { inner, .. } => *inner,
+                            e => e,
+                        };
+                        anyhow::anyhow!(
+                            "--device {d}: CUDA could not start GPU {idx} ({e}). Check that \
+                             `nvidia-smi` lists it, and that the CUDA 13 libraries (libcudart, \
+                             libcublas, libcurand) are on LD_LIBRARY_PATH, as \
+                             scripts/gpu-check.sh sets it"
+                        )
+                    })
+                } else {
+                    bail!(
+                        "--device {d}: this mimscope was built without CUDA; build one with \
+                         scripts/build-cuda.sh (or `cargo build --release --features cuda` \
+                         where CUDA is installed; see the README's GPU set-up)"
                     )
-                })
-                .collect(),
-            _ => vec![],
-        };
-        anyhow::bail!(
-            "{} was trained with other settings ({}); choose another output folder or delete it",
-            run_dir.display(),
-            diff.join("; ")
-        );
+                }
+            }
+            d => bail!("--device {d}: expected `cpu` or `cuda:N`"),
+        }
     }
-    Ok(())
 }
 
-fn is_started_run(dir: &Path) -> bool {
-    dir.join(train::CONFIG_FILE).exists()
+impl ImportArgs {
+    /// The architecture flags of files that store no mimscope config.
+    pub fn overrides(&self) -> ModelOverrides {
+        ModelOverrides {
+            num_heads: self.num_heads,
+            decoder_num_heads: self.decoder_num_heads,
+            fuse_layers: self.fuse_layers.clone(),
+            norm_pix_loss: self.no_norm_pix_loss.then_some(false),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn exit_status_tells_problems_from_errors() {
+        assert_eq!(exit_status(&Ok(())), 0);
+        let problem: Result<()> = Err(Problem("outside the tolerances".into()).into());
+        assert_eq!(exit_status(&problem), 1);
+        // Context added on the way up (a recipe step) keeps it a problem.
+        assert_eq!(exit_status(&problem.context("recipe r.toml step 2")), 1);
+        let error: Result<()> = Err(anyhow::anyhow!("reading x.safetensors"));
+        assert_eq!(exit_status(&error.context("step 1")), 2);
+    }
 }

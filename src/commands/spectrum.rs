@@ -16,6 +16,7 @@ use crate::analysis::features::features;
 use crate::analysis::spectrum::{depth_csv, frequencies, spectrum_csv, Accumulator, Curve};
 use crate::checkpoint::load_encoder;
 use crate::checkpoint::ModelOverrides;
+use crate::cli::SpectrumArgs;
 use crate::figures::charts::{save, DepthLines, SpectrumPanels};
 use crate::model::Mae;
 use crate::output::write_atomic;
@@ -125,4 +126,19 @@ pub fn write_outputs(out: &Path, curves: &[Curve]) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+impl SpectrumArgs {
+    /// The flags as settings.
+    pub fn settings(&self) -> SpectrumSettings {
+        SpectrumSettings {
+            checkpoints: self.checkpoints.clone(),
+            data: self.data.clone(),
+            images: self.images,
+            batch_size: self.batch_size,
+            sublayers: self.sublayers,
+            out: self.out.clone(),
+            overrides: self.arch.overrides(),
+        }
+    }
 }

@@ -403,13 +403,19 @@ pub struct EigenDistribution<'a> {
     pub series: &'a [(String, Vec<f64>)],
 }
 
-impl Chart for EigenDistribution<'_> {
-    fn size(&self) -> (u32, u32) {
-        (680, 440)
-    }
+/// Bars of the eigenvalue histogram.
+const BINS: usize = 12;
 
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
-        root.fill(&WHITE).map_err(err)?;
+/// [`BINS`] log-spaced bins from `lo` to `hi` (every positive eigenvalue with a margin) and
+/// each series' count per bin.
+struct LogBins {
+    lo: f64,
+    hi: f64,
+    counts: Vec<Vec<usize>>,
+}
+
+impl EigenDistribution<'_> {
+    fn bins(&self) -> LogBins {
         let positive: Vec<f64> = self
             .series
             .iter()
@@ -423,20 +429,31 @@ impl Chart for EigenDistribution<'_> {
         } else {
             (lo / 1.5, hi * 1.5)
         };
-        let bins = 12usize;
-        let edge = |i: usize| lo * (hi / lo).powf(i as f64 / bins as f64);
-        let counts: Vec<Vec<usize>> = self
+        let counts = self
             .series
             .iter()
             .map(|(_, v)| {
-                let mut c = vec![0; bins];
+                let mut c = vec![0; BINS];
                 for &x in v.iter().filter(|x| **x > 0.0) {
-                    let i = ((x / lo).ln() / (hi / lo).ln() * bins as f64) as usize;
-                    c[i.min(bins - 1)] += 1;
+                    let i = ((x / lo).ln() / (hi / lo).ln() * BINS as f64) as usize;
+                    c[i.min(BINS - 1)] += 1;
                 }
                 c
             })
             .collect();
+        LogBins { lo, hi, counts }
+    }
+}
+
+impl Chart for EigenDistribution<'_> {
+    fn size(&self) -> (u32, u32) {
+        (680, 440)
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
+        root.fill(&WHITE).map_err(err)?;
+        let LogBins { lo, hi, counts } = self.bins();
+        let edge = |i: usize| lo * (hi / lo).powf(i as f64 / BINS as f64);
         let ymax = counts.iter().flatten().copied().max().unwrap_or(1).max(1) as f64 * 1.15;
         let mut chart = framed(root, "top Hessian eigenvalue over batches", 50)
             // Log axis drawn in log10 coordinates, so that even a range under one decade gets

@@ -57,34 +57,11 @@ pub fn reconstruction_figure(
     note: &str,
 ) -> Result<()> {
     register_font()?;
-    let Some((_, first)) = rows.first() else {
-        bail!("reconstruction figure {}: no rows to draw", path.display());
-    };
-    let Some(sample) = first.first() else {
-        bail!(
-            "reconstruction figure {}: no images to draw",
-            path.display()
-        );
-    };
-    let (iw, ih) = sample.dimensions();
-    let cols = first.len() as u32;
-    for (label, imgs) in rows {
-        if imgs.len() != first.len() {
-            bail!(
-                "reconstruction figure: row `{label}` has {} images, the first row {}",
-                imgs.len(),
-                first.len()
-            );
-        }
-        if let Some(bad) = imgs.iter().find(|i| i.dimensions() != (iw, ih)) {
-            bail!(
-                "reconstruction figure: row `{label}` has a {:?} image, the others are {iw}x{ih}",
-                bad.dimensions()
-            );
-        }
-    }
+    let (iw, ih) = image_size(path, rows)?;
+    let cols = rows[0].1.len() as u32;
     let scale = MIN_CELL.div_ceil(iw.max(ih).max(1)).max(1);
-    let (cw, ch) = (iw * scale, ih * scale);
+    let cell = (iw * scale, ih * scale);
+    let (cw, ch) = cell;
 
     let label_font = (FAMILY, LABEL_SIZE).into_font();
     let caption_font = (FAMILY, CAPTION_SIZE).into_font();
@@ -104,37 +81,96 @@ pub fn reconstruction_figure(
     let mut canvas = RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
     for (r, (_, imgs)) in rows.iter().enumerate() {
         for (c, img) in imgs.iter().enumerate() {
-            let cell = imageops::resize(img, cw, ch, FilterType::Nearest);
+            let resized = imageops::resize(img, cw, ch, FilterType::Nearest);
             let x = grid_x + c as u32 * (cw + GAP);
             let y = MARGIN + r as u32 * (ch + GAP);
-            imageops::replace(&mut canvas, &cell, i64::from(x), i64::from(y));
+            imageops::replace(&mut canvas, &resized, i64::from(x), i64::from(y));
         }
     }
+    let text = FigureText {
+        rows,
+        row_height: ch,
+        label_font,
+        note,
+        caption_font,
+        caption_y,
+    };
+    write_png(path, &text.draw(path, canvas)?)
+}
 
-    let mut buf = canvas.into_raw();
-    {
-        let backend = BitMapBackend::<RGBPixel>::with_buffer_and_format(&mut buf, (width, height))
-            .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
-        let root = backend.into_drawing_area();
-        let label_style = label_font
-            .color(&BLACK)
-            .pos(Pos::new(HPos::Left, VPos::Center));
-        for (r, (label, _)) in rows.iter().enumerate() {
-            let y = MARGIN + r as u32 * (ch + GAP) + ch / 2;
-            root.draw_text(label, &label_style, (MARGIN as i32, y as i32))
-                .map_err(|e| anyhow!("drawing label `{label}` of {}: {e}", path.display()))?;
+/// The size of every image of `rows`, after checking that there is at least one, that every
+/// row holds as many as the first and that all have one size.
+fn image_size(path: &Path, rows: &[(&str, Vec<RgbImage>)]) -> Result<(u32, u32)> {
+    let Some((_, first)) = rows.first() else {
+        bail!("reconstruction figure {}: no rows to draw", path.display());
+    };
+    let Some(sample) = first.first() else {
+        bail!(
+            "reconstruction figure {}: no images to draw",
+            path.display()
+        );
+    };
+    let (iw, ih) = sample.dimensions();
+    for (label, imgs) in rows {
+        if imgs.len() != first.len() {
+            bail!(
+                "reconstruction figure: row `{label}` has {} images, the first row {}",
+                imgs.len(),
+                first.len()
+            );
         }
-        let caption_style = caption_font
-            .color(&BLACK)
-            .pos(Pos::new(HPos::Left, VPos::Top));
-        root.draw_text(note, &caption_style, (MARGIN as i32, caption_y as i32))
-            .map_err(|e| anyhow!("drawing the caption of {}: {e}", path.display()))?;
-        root.present()
-            .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+        if let Some(bad) = imgs.iter().find(|i| i.dimensions() != (iw, ih)) {
+            bail!(
+                "reconstruction figure: row `{label}` has a {:?} image, the others are {iw}x{ih}",
+                bad.dimensions()
+            );
+        }
     }
-    let img = RgbImage::from_raw(width, height, buf)
-        .with_context(|| format!("assembling {} ({width}x{height})", path.display()))?;
-    write_png(path, &img)
+    Ok((iw, ih))
+}
+
+/// The reconstruction figure's text: a label left of each row, the caption below the grid.
+struct FigureText<'a> {
+    rows: &'a [(&'a str, Vec<RgbImage>)],
+    row_height: u32,
+    label_font: FontDesc<'a>,
+    note: &'a str,
+    caption_font: FontDesc<'a>,
+    caption_y: u32,
+}
+
+impl FigureText<'_> {
+    /// Draws the text onto `canvas` (the image grid) with plotters.
+    fn draw(self, path: &Path, canvas: RgbImage) -> Result<RgbImage> {
+        let (width, height) = canvas.dimensions();
+        let mut buf = canvas.into_raw();
+        {
+            let backend =
+                BitMapBackend::<RGBPixel>::with_buffer_and_format(&mut buf, (width, height))
+                    .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+            let root = backend.into_drawing_area();
+            let label_style = self
+                .label_font
+                .color(&BLACK)
+                .pos(Pos::new(HPos::Left, VPos::Center));
+            for (r, (label, _)) in self.rows.iter().enumerate() {
+                let y = MARGIN + r as u32 * (self.row_height + GAP) + self.row_height / 2;
+                root.draw_text(label, &label_style, (MARGIN as i32, y as i32))
+                    .map_err(|e| anyhow!("drawing label `{label}` of {}: {e}", path.display()))?;
+            }
+            let caption_style = self
+                .caption_font
+                .color(&BLACK)
+                .pos(Pos::new(HPos::Left, VPos::Top));
+            let at = (MARGIN as i32, self.caption_y as i32);
+            root.draw_text(self.note, &caption_style, at)
+                .map_err(|e| anyhow!("drawing the caption of {}: {e}", path.display()))?;
+            root.present()
+                .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+        }
+        RgbImage::from_raw(width, height, buf)
+            .with_context(|| format!("assembling {} ({width}x{height})", path.display()))
+    }
 }
 
 /// Width and height of `text` in `font`, in pixels.

@@ -9,6 +9,8 @@
 use candle_core::{Device, Result, Tensor};
 use rand::Rng;
 
+use crate::config::len_keep;
+
 /// (B, C, H, W) -> (B, L, p*p*C), channel fastest.
 pub fn patchify(imgs: &Tensor, p: usize) -> Result<Tensor> {
     let (b, c, h, w) = imgs.dims4()?;
@@ -39,25 +41,6 @@ pub struct Mask {
     pub ids_restore: Vec<u32>,
     /// (B, L): 1 = removed, 0 = visible.
     pub mask: Vec<f32>,
-}
-
-/// floor(L * (1 - ratio)), as `int(L * (1 - mask_ratio))` in MAE.
-pub fn len_keep(num_patches: usize, ratio: f64) -> usize {
-    (num_patches as f64 * (1.0 - ratio)) as usize
-}
-
-/// Checks that `ratio` removes at least one and keeps at least one of `num_patches`; returns
-/// len_keep, or a message naming `--mask-ratio`.
-pub fn check_ratio(num_patches: usize, ratio: f64) -> std::result::Result<usize, String> {
-    let keep = len_keep(num_patches, ratio);
-    if ratio > 0.0 && ratio < 1.0 && keep > 0 && keep < num_patches {
-        Ok(keep)
-    } else {
-        Err(format!(
-            "--mask-ratio {ratio} must be in (0, 1) and keep at least one and remove at least \
-             one of the {num_patches} patches"
-        ))
-    }
 }
 
 fn argsort(v: &[f32]) -> Vec<u32> {
@@ -157,14 +140,6 @@ mod tests {
         assert_eq!(m.ids_keep, vec![1, 3]);
         assert_eq!(m.ids_restore, vec![3, 0, 2, 1]);
         assert_eq!(m.mask, vec![1.0, 0.0, 1.0, 0.0]);
-    }
-
-    #[test]
-    fn len_keep_matches_mae() {
-        assert_eq!(len_keep(196, 0.75), 49);
-        assert_eq!(len_keep(64, 0.75), 16);
-        assert_eq!(len_keep(16, 0.75), 4);
-        assert_eq!(len_keep(10, 0.75), 2); // int(2.5)
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //!   [`ParamStore::check_complete`] can list what is missing, mis-shaped or unexpected, both
 //!   ways, in one error.
 //!
-//! Trainable tensors are `Var`s; MAE's frozen sin-cos tables are plain tensors.
+//! Trainable tensors are `Var`s; MAE's frozen sin-cos tables are plain tensors. [`DecayRule`]
+//! tells by name and rank which trainable tensors weight decay applies to (training and the
+//! Hessian's objective share it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
@@ -21,6 +23,46 @@ use rand_distr::{Distribution, StandardNormal};
 
 /// Tensors that are stored in checkpoints but never trained (`requires_grad=False` in MAE).
 pub const FROZEN: [&str; 2] = ["pos_embed", "decoder_pos_embed"];
+
+/// The parameters excluded from weight decay, as a printed rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecayRule {
+    /// Also decay the MFF fusion logits `proj_weights` (mmpretrain does, by omission).
+    pub decay_fusion_weights: bool,
+}
+
+impl DecayRule {
+    /// MAE's rule (`optim_factory.param_groups_weight_decay`): no decay for 1-D tensors and
+    /// biases; cls_token and mask_token are 3-D and so decayed, as in MAE.
+    pub fn decays(&self, name: &str, rank: usize) -> bool {
+        if name == "proj_weights" {
+            return self.decay_fusion_weights;
+        }
+        !(rank <= 1 || name.ends_with(".bias"))
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "no weight decay on 1-D tensors and biases (norms, biases), as facebookresearch/mae; \
+             cls_token and mask_token decayed, as MAE; fusion logits proj_weights {}",
+            if self.decay_fusion_weights {
+                "decayed, as mmpretrain"
+            } else {
+                "not decayed (--no-decay-fusion-weights)"
+            }
+        )
+    }
+}
+
+/// The run's rule (a method of the run config, defined here beside the rule so that `config`
+/// stays below `model` in the layering).
+impl crate::config::TrainConfig {
+    pub fn decay_rule(&self) -> DecayRule {
+        DecayRule {
+            decay_fusion_weights: self.decay_fusion_weights,
+        }
+    }
+}
 
 /// Every tensor of a model by its MAE state-dict name, in name order.
 #[derive(Debug, Clone)]
@@ -221,5 +263,28 @@ pub fn xavier(fan_in: usize, fan_out: usize) -> Init {
     Init::Uniform {
         lo: -bound,
         up: bound,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decay_rule_exempts_norms_biases_and_optionally_fusion_logits() {
+        let on = DecayRule {
+            decay_fusion_weights: true,
+        };
+        let off = DecayRule {
+            decay_fusion_weights: false,
+        };
+        assert!(on.decays("blocks.0.attn.qkv.weight", 2));
+        assert!(on.decays("cls_token", 3));
+        assert!(!on.decays("blocks.0.norm1.weight", 1));
+        assert!(!on.decays("blocks.0.attn.qkv.bias", 1));
+        assert!(!on.decays("patch_embed.proj.bias", 2));
+        assert!(on.decays("proj_weights", 1));
+        assert!(!off.decays("proj_weights", 1));
+        assert!(off.describe().contains("--no-decay-fusion-weights"));
     }
 }

@@ -12,35 +12,7 @@ use candle_core::{backprop::GradStore, Result, Tensor, Var};
 
 use crate::kernels::{adamw_update, AdamWStep};
 
-/// The parameters excluded from weight decay, as a printed rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DecayRule {
-    /// Also decay the MFF fusion logits `proj_weights` (mmpretrain does, by omission).
-    pub decay_fusion_weights: bool,
-}
-
-impl DecayRule {
-    /// MAE's rule (`optim_factory.param_groups_weight_decay`): no decay for 1-D tensors and
-    /// biases; cls_token and mask_token are 3-D and so decayed, as in MAE.
-    pub fn decays(&self, name: &str, rank: usize) -> bool {
-        if name == "proj_weights" {
-            return self.decay_fusion_weights;
-        }
-        !(rank <= 1 || name.ends_with(".bias"))
-    }
-
-    pub fn describe(&self) -> String {
-        format!(
-            "no weight decay on 1-D tensors and biases (norms, biases), as facebookresearch/mae; \
-             cls_token and mask_token decayed, as MAE; fusion logits proj_weights {}",
-            if self.decay_fusion_weights {
-                "decayed, as mmpretrain"
-            } else {
-                "not decayed (--no-decay-fusion-weights)"
-            }
-        )
-    }
-}
+use crate::model::params::DecayRule;
 
 struct Slot {
     name: String,

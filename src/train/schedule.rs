@@ -17,11 +17,6 @@ pub fn lr_at(step: u64, total: u64, warmup: u64, peak: f64) -> f64 {
     }
 }
 
-/// Absolute learning rate from the base one: lr = blr * batch / 256 (MAE's linear scaling).
-pub fn absolute_lr(blr: f64, batch_size: usize) -> f64 {
-    blr * batch_size as f64 / 256.0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -36,6 +31,5 @@ mod tests {
         assert!((lr_at(6, 10, 2, 1.0) - 0.5).abs() < 1e-12);
         assert!(lr_at(9, 10, 2, 1.0) > 0.0);
         assert_eq!(lr_at(0, 10, 0, 2.0), 2.0);
-        assert_eq!(absolute_lr(1.5e-4, 4096), 1.5e-4 * 16.0);
     }
 }

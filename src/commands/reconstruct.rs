@@ -24,10 +24,12 @@ use candle_core::{DType, Device, Tensor, D};
 use image::{Rgb, RgbImage};
 
 use crate::checkpoint;
+use crate::cli::ReconstructCli;
+use crate::config::check_ratio;
 use crate::data::{Dataset, IMAGENET_MEAN, IMAGENET_STD};
 use crate::figures;
 use crate::model::mae::patch_stats;
-use crate::model::masking::{check_ratio, patchify, unpatchify};
+use crate::model::masking::{patchify, unpatchify};
 use crate::model::{Mae, Mask};
 use crate::rng::{self, Purpose};
 
@@ -229,6 +231,25 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
     let rec = reconstruct(model, &imgs, &mask)
         .with_context(|| format!("running {} on {n} images", args.checkpoint.display()))?;
 
+    write_outputs(args, &rec, &ds.paths()[..n], cfg)?;
+    println!(
+        "reconstructed {n} images (shorter side resized to {s} px with bicubic Catmull-Rom, \
+         centre-cropped; mask ratio {}, loss {:.6}) into {}",
+        args.mask_ratio,
+        rec.loss,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Writes the figure, `losses.csv` (one row per path of `paths`) and the masks and inputs
+/// into `args.out`, created if needed.
+fn write_outputs(
+    args: &ReconstructArgs,
+    rec: &Reconstruction,
+    paths: &[PathBuf],
+    cfg: &crate::config::ModelConfig,
+) -> Result<()> {
     let out = &args.out;
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating the output folder {}", out.display()))?;
@@ -246,9 +267,9 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
         args.mask_ratio,
         args.seed
     );
-    let rows = figure_rows(&rec, cfg.patch_size)?;
+    let rows = figure_rows(rec, cfg.patch_size)?;
     figures::reconstruction_figure(&out.join("reconstruction.png"), &rows, &caption)?;
-    let csv = losses_csv(&ds.paths()[..n], &rec.per_image_loss);
+    let csv = losses_csv(paths, &rec.per_image_loss);
     crate::output::write_atomic(&out.join("losses.csv"), csv.as_bytes())?;
     let meta = HashMap::from([
         (
@@ -268,19 +289,26 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
         &BTreeMap::from([("images".to_string(), rec.inputs.clone())]),
         meta,
     )?;
-    println!(
-        "reconstructed {n} images (shorter side resized to {s} px with bicubic Catmull-Rom, \
-         centre-cropped; mask ratio {}, loss {:.6}) into {}",
-        args.mask_ratio,
-        rec.loss,
-        out.display()
-    );
     Ok(())
+}
+
+impl From<&ReconstructCli> for ReconstructArgs {
+    fn from(a: &ReconstructCli) -> Self {
+        ReconstructArgs {
+            checkpoint: a.checkpoint.clone(),
+            data: a.data.clone(),
+            images: a.images,
+            seed: a.seed,
+            mask_ratio: a.mask_ratio,
+            out: a.out.clone(),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compare::Diff;
     use crate::config::ModelConfig;
     use std::path::Path;
 
@@ -327,19 +355,6 @@ mod tests {
         Tensor::from_vec(data, (b, 3, s, s), &Device::Cpu).unwrap()
     }
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     #[test]
     fn denormalising_the_normalised_target_gives_the_patches_back() {
         let cfg = tiny(true);
@@ -348,9 +363,9 @@ mod tests {
         let raw = patchify(&imgs, 4).unwrap(); // B L P
         let normalised = model.target(&imgs).unwrap();
         // The loss's target really is per-patch normalised (mean 0), so this is not vacuous.
-        assert!(max_abs_diff(&normalised, &raw) > 0.1);
+        assert!(Diff::tensors(&normalised, &raw).unwrap().max_abs > 0.1);
         let back = denormalize_patches(&normalised, &raw).unwrap();
-        let err = max_abs_diff(&back, &raw);
+        let err = Diff::tensors(&back, &raw).unwrap().max_abs;
         assert!(err < 1e-4, "max |denorm(target) - patches| = {err}");
     }
 
@@ -425,7 +440,7 @@ mod tests {
         let rec = reconstruct(&model, &imgs, &mask).unwrap();
         let pred = model.forward(&imgs, &mask).unwrap().pred;
         let want = unpatchify(&pred, 4, 3).unwrap();
-        assert_eq!(max_abs_diff(&rec.pred_pixels, &want), 0.0);
+        assert_eq!(Diff::tensors(&rec.pred_pixels, &want).unwrap().max_abs, 0.0);
     }
 
     #[test]

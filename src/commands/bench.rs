@@ -22,14 +22,17 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::analysis::hessian::{top_eigen, PowerSettings};
 use crate::analysis::hvp::{with_second_order, Objective};
 use crate::analysis::spectrum::delta_log_amplitude;
-use crate::config::TrainPrecision;
-use crate::config::{default_fuse_layers, Fusion, ModelConfig, ModelKind, Preset, Projection};
+use crate::cli::BenchArgs;
+use crate::config::{
+    check_ratio, default_fuse_layers, len_keep, BenchPart, Fusion, ModelConfig, ModelKind, Preset,
+    Projection, TrainPrecision,
+};
 use crate::data::Augment;
 use crate::memory::{Peak, Watch};
-use crate::model::masking::len_keep;
+use crate::model::params::DecayRule;
 use crate::model::{Mae, Mask};
 use crate::rng::{stream, Purpose};
-use crate::train::optim::{AdamW, DecayRule};
+use crate::train::optim::AdamW;
 
 /// The bench's architecture: the preset, with MFF's default fused layers for `mff`.
 pub fn bench_config(kind: ModelKind, preset: Preset) -> ModelConfig {
@@ -40,24 +43,6 @@ pub fn bench_config(kind: ModelKind, preset: Preset) -> ModelConfig {
     cfg
 }
 
-/// Parts of the benchmark.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Part {
-    /// Training step: forward, backward, AdamW.
-    Train,
-    /// Unmasked encoder forward, every block output kept.
-    Forward,
-    /// The Fourier recipe on the unmasked encoder's embedding and block outputs (spectra).
-    Spectrum,
-    /// One exact Hessian-vector product against one gradient (f32, `--hvp-batch` images).
-    Hvp,
-    /// 20 power-iteration steps with exact products, set-up included (`--hvp-batch` images);
-    /// the median of `--iters` / 5 runs (at least one) after a warm-up, as the reference script.
-    Power,
-    /// Building one training batch from the bundled photos, per augmentation.
-    Data,
-}
-
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchSettings {
@@ -66,7 +51,7 @@ pub struct BenchSettings {
     pub iters: usize,
     pub precision: TrainPrecision,
     pub mask_ratio: f64,
-    pub parts: Vec<Part>,
+    pub parts: Vec<BenchPart>,
     /// Images of the batch whose loss the Hessian-vector products differentiate.
     pub hvp_batch: usize,
     /// The device's peak rate in TFLOP/s, for the utilisation lines.
@@ -176,9 +161,44 @@ pub fn run(s: &BenchSettings, device: &Device) -> Result<Vec<String>> {
         "--batch-size, --iters and --hvp-batch must be positive"
     );
     let cfg = &s.cfg;
-    crate::model::masking::check_ratio(cfg.num_patches(), s.mask_ratio)
-        .map_err(anyhow::Error::msg)?;
-    let mut out = vec![
+    check_ratio(cfg.num_patches(), s.mask_ratio).map_err(anyhow::Error::msg)?;
+    let mut out = header_lines(s, device);
+    let (mut model, store) = Mae::init(cfg, 0, DType::F32, device)?;
+    model.set_matmul_dtype(s.precision.matmul_dtype());
+    let (imgs, masks) = synthetic_batch(s, device)?;
+    if s.parts.contains(&BenchPart::Train) {
+        train_lines(&mut out, s, &model, &store, &imgs, &masks, device)?;
+    }
+    if s.parts.contains(&BenchPart::Forward) {
+        let (secs, mem) = timed(s.iters, device, |_| {
+            let trace = model.forward_encoder_unmasked(&imgs)?;
+            trace
+                .latent
+                .sum_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?;
+            Ok(())
+        })?;
+        let flops = encoder_forward_flops_per_image(cfg);
+        rate_lines(&mut out, "forward", s, secs, flops);
+        memory_lines(&mut out, "forward", mem);
+    }
+    if s.parts.contains(&BenchPart::Spectrum) {
+        spectrum_lines(&mut out, s, &model, &imgs)?;
+    }
+    if s.parts.contains(&BenchPart::Hvp) || s.parts.contains(&BenchPart::Power) {
+        out.extend(hvp_lines(s, &mut model, &store, &imgs, &masks[0], device)?);
+    }
+    if s.parts.contains(&BenchPart::Data) {
+        data_lines(&mut out, s)?;
+    }
+    Ok(out)
+}
+
+/// What was measured where: the model, the device and the settings.
+fn header_lines(s: &BenchSettings, device: &Device) -> Vec<String> {
+    let cfg = &s.cfg;
+    vec![
         format!("model={}", if cfg.is_mff() { "mff" } else { "mae" }),
         format!(
             "config=img {} patch {} width {} depth {} heads {} decoder {}x{}",
@@ -198,95 +218,88 @@ pub fn run(s: &BenchSettings, device: &Device) -> Result<Vec<String>> {
             "threads={}",
             std::thread::available_parallelism().map_or(1, |n| n.get())
         ),
-    ];
-    let (mut model, store) = Mae::init(cfg, 0, DType::F32, device)?;
-    model.set_matmul_dtype(s.precision.matmul_dtype());
-    let px = cfg.img_size;
+    ]
+}
+
+/// Standard-normal images (B, 3, S, S) on `device` and one mask per run (warm-up included),
+/// all from the stream (0, Synthetic, 0).
+fn synthetic_batch(s: &BenchSettings, device: &Device) -> Result<(Tensor, Vec<Mask>)> {
+    let (px, l) = (s.cfg.img_size, s.cfg.num_patches());
     let mut rng = stream(0, Purpose::Synthetic, 0);
     let pixels: Vec<f32> = (0..s.batch * 3 * px * px)
         .map(|_| StandardNormal.sample(&mut rng))
         .collect();
     let imgs = Tensor::from_vec(pixels, (s.batch, 3, px, px), device)?;
     let masks: Vec<Mask> = (0..=s.iters)
-        .map(|_| Mask::random(s.batch, cfg.num_patches(), s.mask_ratio, &mut rng))
+        .map(|_| Mask::random(s.batch, l, s.mask_ratio, &mut rng))
         .collect();
+    Ok((imgs, masks))
+}
 
-    if s.parts.contains(&Part::Train) {
-        let mut opt = AdamW::new(
-            store.trainable(),
-            0.05,
-            DecayRule {
-                decay_fusion_weights: true,
-            },
-        )?;
-        let (secs, mem) = timed(s.iters, device, |i| {
-            let (_, grads) = crate::train::step::loss_and_grads(&model, &imgs, &masks[i])?;
-            opt.apply(&grads, 1e-6)?;
-            Ok(())
-        })?;
-        rate_lines(
-            &mut out,
-            "train",
-            s,
-            secs,
-            train_flops_per_image(cfg, s.mask_ratio),
-        );
-        memory_lines(&mut out, "train", mem);
-    }
-    if s.parts.contains(&Part::Forward) {
-        let (secs, mem) = timed(s.iters, device, |_| {
-            let trace = model.forward_encoder_unmasked(&imgs)?;
-            trace
-                .latent
-                .sum_all()?
-                .to_dtype(DType::F32)?
-                .to_scalar::<f32>()?;
-            Ok(())
-        })?;
-        rate_lines(
-            &mut out,
-            "forward",
-            s,
-            secs,
-            encoder_forward_flops_per_image(cfg),
-        );
-        memory_lines(&mut out, "forward", mem);
-    }
-    if s.parts.contains(&Part::Spectrum) {
-        // As the spectra: the embedding and every block output, cls dropped, on the host.
-        let trace = model.forward_encoder_unmasked(&imgs)?;
-        let g = cfg.grid();
-        let (secs, _) = timed(s.iters, &Device::Cpu, |_| {
-            for layer in &trace.layers {
-                let t = layer.narrow(1, 1, g * g)?;
-                let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                delta_log_amplitude(&data, s.batch, g, g);
-            }
-            Ok(())
-        })?;
-        out.push(format!("spectrum_layers={}", trace.layers.len()));
-        out.push(format!("spectrum_s={secs:.5}"));
-    }
-    if s.parts.contains(&Part::Hvp) || s.parts.contains(&Part::Power) {
-        out.extend(hvp_lines(s, &mut model, &store, &imgs, &masks[0], device)?);
-    }
-    if s.parts.contains(&Part::Data) {
-        // Input pipeline on the bundled photos (decoded once at open): crop, resize, flip and
-        // normalisation of one batch, on every core.
-        let photos = crate::data::Dataset::bundled()?;
-        for (name, augment) in [("mae", Augment::Mae), ("pixmim", Augment::Pixmim)] {
-            let (secs, _) = timed(s.iters, &Device::Cpu, |i| {
-                photos.train_batch(i as u64, s.batch, px as u32, augment, 0)?;
-                Ok(())
-            })?;
-            out.push(format!("data_{name}_batch_s={secs:.5}"));
-            out.push(format!(
-                "data_{name}_images_per_s={:.1}",
-                s.batch as f64 / secs
-            ));
+/// The training step: forward, backward and the AdamW update, a new mask each time.
+fn train_lines(
+    out: &mut Vec<String>,
+    s: &BenchSettings,
+    model: &Mae,
+    store: &crate::model::ParamStore,
+    imgs: &Tensor,
+    masks: &[Mask],
+    device: &Device,
+) -> Result<()> {
+    let rule = DecayRule {
+        decay_fusion_weights: true,
+    };
+    let mut opt = AdamW::new(store.trainable(), 0.05, rule)?;
+    let (secs, mem) = timed(s.iters, device, |i| {
+        let (_, grads) = crate::train::step::loss_and_grads(model, imgs, &masks[i])?;
+        opt.apply(&grads, 1e-6)?;
+        Ok(())
+    })?;
+    let flops = train_flops_per_image(&s.cfg, s.mask_ratio);
+    rate_lines(out, "train", s, secs, flops);
+    memory_lines(out, "train", mem);
+    Ok(())
+}
+
+/// As the spectra: the embedding and every block output, cls dropped, on the host.
+fn spectrum_lines(
+    out: &mut Vec<String>,
+    s: &BenchSettings,
+    model: &Mae,
+    imgs: &Tensor,
+) -> Result<()> {
+    let trace = model.forward_encoder_unmasked(imgs)?;
+    let g = s.cfg.grid();
+    let (secs, _) = timed(s.iters, &Device::Cpu, |_| {
+        for layer in &trace.layers {
+            let t = layer.narrow(1, 1, g * g)?;
+            let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            delta_log_amplitude(&data, s.batch, g, g);
         }
+        Ok(())
+    })?;
+    out.push(format!("spectrum_layers={}", trace.layers.len()));
+    out.push(format!("spectrum_s={secs:.5}"));
+    Ok(())
+}
+
+/// Input pipeline on the bundled photos (decoded once at open): crop, resize, flip and
+/// normalisation of one batch, on every core, per augmentation.
+fn data_lines(out: &mut Vec<String>, s: &BenchSettings) -> Result<()> {
+    let photos = crate::data::Dataset::bundled()?;
+    let px = s.cfg.img_size as u32;
+    for (name, augment) in [("mae", Augment::Mae), ("pixmim", Augment::Pixmim)] {
+        let (secs, _) = timed(s.iters, &Device::Cpu, |i| {
+            photos.train_batch(i as u64, s.batch, px, augment, 0)?;
+            Ok(())
+        })?;
+        out.push(format!("data_{name}_batch_s={secs:.5}"));
+        out.push(format!(
+            "data_{name}_images_per_s={:.1}",
+            s.batch as f64 / secs
+        ));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// One gradient and exact Hessian-vector products of the loss of the first `hvp_batch`
@@ -310,7 +323,7 @@ fn hvp_lines(
     };
     let lines = with_second_order(|| {
         let mut out = vec![format!("hvp_batch={b}")];
-        if s.parts.contains(&Part::Power) {
+        if s.parts.contains(&BenchPart::Power) {
             // PyHessian's top eigenvalue with 20 products and no early stop, the objective's
             // set-up (and so the first product's graph) included. Timed as the reference script
             // times it: one warm-up run, then the median of iters / 5 (at least one).
@@ -326,7 +339,7 @@ fn hvp_lines(
             })?;
             out.push(format!("power_s={secs:.3}"));
         }
-        if !s.parts.contains(&Part::Hvp) {
+        if !s.parts.contains(&BenchPart::Hvp) {
             return Ok(out);
         }
         let obj = Objective::new(model, store, &imgs, &mask, b, 0.0, rule)?;
@@ -367,6 +380,22 @@ pub fn describe(device: &Device) -> String {
     }
 }
 
+impl BenchArgs {
+    /// The flags as settings: the preset (MFF's default fused layers for `--model mff`).
+    pub fn settings(&self) -> BenchSettings {
+        BenchSettings {
+            cfg: bench_config(self.model.model, self.model.preset),
+            batch: self.batch_size,
+            iters: self.iters,
+            precision: self.precision,
+            mask_ratio: self.mask_ratio,
+            parts: self.parts.clone(),
+            hvp_batch: self.hvp_batch,
+            peak_tflops: self.peak_tflops,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,15 +418,16 @@ mod tests {
         // wide, 1 block, MLP 16; mask 0.5 keeps 2, so n = 3 encoder and 5 decoder tokens.
         let cfg = ModelConfig {
             img_size: 8,
-            patch_size: 4,
             embed_dim: 8,
             depth: 1,
-            num_heads: 2,
             decoder_embed_dim: 4,
-            decoder_depth: 1,
             decoder_num_heads: 1,
-            ..ModelConfig::default()
+            ..crate::config::test_config()
         };
+        assert_eq!(
+            (cfg.patch_size, cfg.num_heads, cfg.decoder_depth),
+            (4, 2, 1)
+        );
         let patch = 2.0 * 4.0 * 48.0 * 8.0;
         let enc = 2.0 * 3.0 * 8.0 * 24.0
             + 2.0 * 2.0 * 3.0 * 8.0 * 3.0

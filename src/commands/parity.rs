@@ -3,10 +3,10 @@
 //! training forward's residual stream, MFF's fused sequence, the latent and the prediction,
 //! and the unmasked encoder's layers that the spectra use) and every parameter's gradient.
 //!
-//! Differences are relative L2 errors, ||a - b|| / ||a||, so one number per tensor whatever
-//! its scale; the gradient check also takes all gradients as one vector. The tolerances are
-//! stated in [`Tolerances::for_precision`] and printed with the results; any excess makes the
-//! command fail.
+//! Differences are relative L2 errors, ||a - b|| / ||a|| with `a` the CPU's
+//! ([`crate::compare::Diff`]), so one number per tensor whatever its scale; the gradient check also takes all gradients as one vector. The tolerances are
+//! stated in [`Tolerances::for_precision`] and printed with the results; any excess is a
+//! [`Problem`] (exit status 1).
 
 use std::collections::BTreeMap;
 
@@ -14,7 +14,10 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::cli::ParityArgs;
-use crate::config::TrainPrecision;
+use crate::compare::Diff;
+use crate::config::{ModelConfig, TrainPrecision};
+
+use super::Problem;
 use crate::model::{Mae, Mask, ParamStore};
 use crate::rng::{stream, Purpose};
 
@@ -100,20 +103,6 @@ fn evaluate(model: &Mae, store: &ParamStore, imgs: &Tensor, mask: &Mask) -> Resu
     })
 }
 
-/// ||a - b|| / ||a|| (0 when both are 0).
-pub fn relative_l2(a: &[f64], b: &[f64]) -> f64 {
-    let (mut num, mut den) = (0.0, 0.0);
-    for (x, y) in a.iter().zip(b) {
-        num += (x - y) * (x - y);
-        den += x * x;
-    }
-    if num == 0.0 {
-        0.0
-    } else {
-        (num / den).sqrt()
-    }
-}
-
 /// The comparison, as printed.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -130,7 +119,7 @@ fn load(args: &ParityArgs) -> Result<(Mae, ParamStore)> {
             Ok((l.model, l.store))
         }
         None => {
-            let cfg = crate::bench::bench_config(args.model.model, args.model.preset);
+            let cfg = super::bench::bench_config(args.model.model, args.model.preset);
             Ok(Mae::init(&cfg, args.seed, DType::F32, &Device::Cpu)?)
         }
     }
@@ -150,6 +139,100 @@ fn to_device(model: &Mae, store: &ParamStore, device: &Device) -> Result<(Mae, P
     ))
 }
 
+/// ||b - a|| / ||a||, `a` the CPU's reference (0 when both are 0).
+fn relative_l2(a: &[f64], b: &[f64]) -> f64 {
+    Diff::between(b, a).relative_l2
+}
+
+/// The relative errors of the device's side `b` against the CPU's `a`, each worst one named.
+struct Errors {
+    loss: f64,
+    /// The worst feature map and its error.
+    features: (String, f64),
+    /// All gradients as one vector.
+    gradients: f64,
+    /// The worst single parameter's gradient and its error.
+    gradient_tensor: (String, f64),
+}
+
+impl Errors {
+    fn between(a: &Side, b: &Side) -> Result<Errors> {
+        let worst = |pairs: Vec<(String, f64)>| {
+            pairs
+                .into_iter()
+                .max_by(|x, y| x.1.total_cmp(&y.1))
+                .unwrap_or_default()
+        };
+        let features = worst(
+            a.features
+                .iter()
+                .zip(&b.features)
+                .map(|((n, x), (_, y))| (n.clone(), relative_l2(x, y)))
+                .collect(),
+        );
+        if a.grads.len() != b.grads.len() {
+            bail!(
+                "the CPU has gradients for {} parameters and the device for {}",
+                a.grads.len(),
+                b.grads.len()
+            );
+        }
+        let gradient_tensor = worst(
+            a.grads
+                .iter()
+                .map(|(n, x)| (n.clone(), relative_l2(x, &b.grads[n])))
+                .collect(),
+        );
+        let flat = |s: &Side| s.grads.values().flatten().copied().collect::<Vec<f64>>();
+        Ok(Errors {
+            loss: (a.loss - b.loss).abs() / a.loss.abs().max(f64::MIN_POSITIVE),
+            features,
+            gradients: relative_l2(&flat(a), &flat(b)),
+            gradient_tensor,
+        })
+    }
+
+    /// Each tolerance exceeded, in words (NaN exceeds every one).
+    fn failures(&self, tol: &Tolerances) -> Vec<String> {
+        [
+            ("loss", self.loss, tol.loss),
+            ("features", self.features.1, tol.features),
+            ("gradients", self.gradients, tol.gradients),
+            (
+                "gradient of one tensor",
+                self.gradient_tensor.1,
+                tol.gradient_tensor,
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, value, limit)| value.is_nan() || value > limit)
+        .map(|(what, value, limit)| format!("{what}: {value:.3e} > {limit:.0e}"))
+        .collect()
+    }
+}
+
+/// The batch of `args` for `cfg`: the first images (evaluation view) and the mask from
+/// (seed, EvalMask, 0).
+fn batch(args: &ParityArgs, cfg: &ModelConfig) -> Result<(Vec<f32>, Mask)> {
+    let dataset = crate::train::open_dataset(args.data.as_deref())?;
+    if dataset.len() < args.batch_size {
+        bail!(
+            "--batch-size {} but only {} images are available",
+            args.batch_size,
+            dataset.len()
+        );
+    }
+    let data = dataset.eval_batch(args.batch_size, cfg.img_size as u32)?;
+    crate::config::check_ratio(cfg.num_patches(), args.mask_ratio).map_err(anyhow::Error::msg)?;
+    let mask = Mask::random(
+        args.batch_size,
+        cfg.num_patches(),
+        args.mask_ratio,
+        &mut stream(args.seed, Purpose::EvalMask, 0),
+    );
+    Ok((data, mask))
+}
+
 /// Runs both sides and compares them.
 pub fn compare(args: &ParityArgs, device: &Device) -> Result<Report> {
     if args.batch_size == 0 {
@@ -159,25 +242,8 @@ pub fn compare(args: &ParityArgs, device: &Device) -> Result<Report> {
     let (mut target, target_store) = to_device(&reference, &ref_store, device)?;
     target.set_matmul_dtype(args.precision.matmul_dtype());
     let cfg = reference.cfg.clone();
-    let dataset = crate::train::open_dataset(args.data.as_deref())?;
-    if dataset.len() < args.batch_size {
-        bail!(
-            "--batch-size {} but only {} images are available",
-            args.batch_size,
-            dataset.len()
-        );
-    }
-    let s = cfg.img_size;
-    let data = dataset.eval_batch(args.batch_size, s as u32)?;
-    crate::model::masking::check_ratio(cfg.num_patches(), args.mask_ratio)
-        .map_err(anyhow::Error::msg)?;
-    let mask = Mask::random(
-        args.batch_size,
-        cfg.num_patches(),
-        args.mask_ratio,
-        &mut stream(args.seed, Purpose::EvalMask, 0),
-    );
-    let shape = (args.batch_size, cfg.in_chans, s, s);
+    let (data, mask) = batch(args, &cfg)?;
+    let shape = (args.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size);
     let a = evaluate(
         &reference,
         &ref_store,
@@ -190,86 +256,60 @@ pub fn compare(args: &ParityArgs, device: &Device) -> Result<Report> {
         &Tensor::from_vec(data, shape, device)?,
         &mask,
     )?;
-
+    let errors = Errors::between(&a, &b)?;
     let tol = Tolerances::for_precision(args.precision);
-    let loss_rel = (a.loss - b.loss).abs() / a.loss.abs().max(f64::MIN_POSITIVE);
-    let worst = |pairs: Vec<(String, f64)>| {
-        pairs
-            .into_iter()
-            .max_by(|x, y| x.1.total_cmp(&y.1))
-            .unwrap_or_default()
-    };
-    let (feat_name, feat_rel) = worst(
-        a.features
-            .iter()
-            .zip(&b.features)
-            .map(|((n, x), (_, y))| (n.clone(), relative_l2(x, y)))
-            .collect(),
-    );
-    if a.grads.len() != b.grads.len() {
-        bail!(
-            "the CPU has gradients for {} parameters and the device for {}",
-            a.grads.len(),
-            b.grads.len()
-        );
-    }
-    let (grad_name, grad_worst) = worst(
-        a.grads
-            .iter()
-            .map(|(n, x)| (n.clone(), relative_l2(x, &b.grads[n])))
-            .collect(),
-    );
-    let flat = |s: &Side| s.grads.values().flatten().copied().collect::<Vec<f64>>();
-    let grad_rel = relative_l2(&flat(&a), &flat(&b));
+    Ok(Report {
+        lines: report_lines(args, device, &a, &b, &errors, &tol),
+        failures: errors.failures(&tol),
+    })
+}
 
-    let lines = vec![
-        format!("device={}", crate::bench::describe(device)),
-        format!("precision={}", args.precision.name()),
+/// The printed comparison: the set-up, both losses, each error with its tolerance.
+fn report_lines(
+    args: &ParityArgs,
+    device: &Device,
+    a: &Side,
+    b: &Side,
+    e: &Errors,
+    tol: &Tolerances,
+) -> Vec<String> {
+    let weights = args.checkpoint.as_ref().map_or(
         format!(
-            "weights={}",
-            args.checkpoint.as_ref().map_or(
-                format!(
-                    "{:?} {:?} seed {}",
-                    args.model.model, args.model.preset, args.seed
-                ),
-                |p| p.display().to_string()
-            )
+            "{:?} {:?} seed {}",
+            args.model.model, args.model.preset, args.seed
         ),
+        |p| p.display().to_string(),
+    );
+    vec![
+        format!("device={}", super::bench::describe(device)),
+        format!("precision={}", args.precision.name()),
+        format!("weights={weights}"),
         format!("batch_size={}", args.batch_size),
         format!("loss_cpu={:.9}", a.loss),
         format!("loss_device={:.9}", b.loss),
-        format!("loss_rel={loss_rel:.3e} (tolerance {:.0e})", tol.loss),
+        format!("loss_rel={:.3e} (tolerance {:.0e})", e.loss, tol.loss),
         format!(
-            "features_rel_max={feat_rel:.3e} at {feat_name} of {} maps (tolerance {:.0e})",
+            "features_rel_max={:.3e} at {} of {} maps (tolerance {:.0e})",
+            e.features.1,
+            e.features.0,
             a.features.len(),
             tol.features
         ),
         format!(
-            "gradients_rel={grad_rel:.3e} over {} tensors (tolerance {:.0e})",
+            "gradients_rel={:.3e} over {} tensors (tolerance {:.0e})",
+            e.gradients,
             a.grads.len(),
             tol.gradients
         ),
         format!(
-            "gradient_tensor_rel_max={grad_worst:.3e} at {grad_name} (tolerance {:.0e})",
-            tol.gradient_tensor
+            "gradient_tensor_rel_max={:.3e} at {} (tolerance {:.0e})",
+            e.gradient_tensor.1, e.gradient_tensor.0, tol.gradient_tensor
         ),
-    ];
-    let mut failures = Vec::new();
-    for (what, value, limit) in [
-        ("loss", loss_rel, tol.loss),
-        ("features", feat_rel, tol.features),
-        ("gradients", grad_rel, tol.gradients),
-        ("gradient of one tensor", grad_worst, tol.gradient_tensor),
-    ] {
-        // NaN fails too.
-        if value.is_nan() || value > limit {
-            failures.push(format!("{what}: {value:.3e} > {limit:.0e}"));
-        }
-    }
-    Ok(Report { lines, failures })
+    ]
 }
 
-/// `mimscope parity`: prints the comparison; an error when outside the tolerances.
+/// `mimscope parity`: prints the comparison; a [`Problem`] (exit status 1) when outside the
+/// tolerances.
 pub fn run(args: &ParityArgs) -> Result<()> {
     let device = args.device.device()?;
     let report = compare(args, &device)?;
@@ -281,23 +321,11 @@ pub fn run(args: &ParityArgs) -> Result<()> {
         Ok(())
     } else {
         println!("parity=fail");
-        bail!(
+        Err(Problem(format!(
             "{} disagrees with the CPU beyond the tolerances: {}",
-            crate::bench::describe(&device),
+            super::bench::describe(&device),
             report.failures.join("; ")
-        )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn relative_l2_by_hand() {
-        assert_eq!(relative_l2(&[3.0, 4.0], &[3.0, 4.0]), 0.0);
-        assert_eq!(relative_l2(&[0.0, 0.0], &[0.0, 0.0]), 0.0);
-        assert!((relative_l2(&[3.0, 4.0], &[3.0, 3.0]) - 0.2).abs() < 1e-15);
-        assert!(relative_l2(&[0.0], &[1.0]).is_infinite());
+        ))
+        .into())
     }
 }
