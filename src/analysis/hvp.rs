@@ -34,8 +34,8 @@ use crate::kernels::second_order::second_order;
 /// Exact products run inside it (kept here for the callers that name it through this module).
 pub use crate::kernels::second_order::with_second_order;
 use crate::kernels::{directional, shard_ranges, shards};
-use crate::model::{Mae, Mask, ParamStore};
 use crate::model::params::DecayRule;
+use crate::model::{Mae, Mask, ParamStore};
 
 /// How Hessian-vector products are computed.
 #[derive(Debug, Clone, Copy, PartialEq)]
