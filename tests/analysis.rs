@@ -7,7 +7,8 @@
 use candle_core::{DType, Device, Tensor};
 use mimscope::analysis::features::features;
 use mimscope::analysis::hessian::{top_eigen, PowerSettings};
-use mimscope::analysis::hvp::{with_second_order, HvpMethod, Objective};
+use mimscope::analysis::hvp::{HvpMethod, Objective};
+use mimscope::kernels::second_order::with_second_order;
 use mimscope::analysis::spectrum::{delta_log_amplitude, Accumulator};
 use mimscope::checkpoint::load_model;
 use mimscope::commands::spectrum::model_curves;

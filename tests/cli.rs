@@ -969,6 +969,15 @@ fn parity_of_the_cpu_with_itself_and_with_bf16() {
     assert_eq!(k["parity"], "pass");
     assert!(k["loss_rel"].starts_with("0.000e0"), "{k:?}");
     assert!(k["gradients_rel"].starts_with("0.000e0"), "{k:?}");
+    // Every kernel on its own: the fused CPU kernels against the primitive forms, a real,
+    // small difference (float rounding in another order), within the kernel tolerance.
+    let kernels: Vec<f64> = k
+        .iter()
+        .filter(|(name, _)| name.starts_with("kernel_"))
+        .map(|(_, v)| v.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(kernels.len(), 12, "{k:?}");
+    assert!(kernels.iter().all(|&e| e > 0.0 && e < 1e-5), "{kernels:?}");
     // bf16 products: a real, small difference, within the stated tolerances.
     let out = ok(&[
         "parity",

@@ -30,9 +30,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
 use super::hessian::{add_multiple, dot};
-use crate::kernels::second_order::second_order;
-/// Exact products run inside it (kept here for the callers that name it through this module).
-pub use crate::kernels::second_order::with_second_order;
+use crate::kernels::second_order::{second_order, with_second_order};
 use crate::kernels::{directional, shard_ranges, shards};
 use crate::model::params::DecayRule;
 use crate::model::{Mae, Mask, ParamStore};

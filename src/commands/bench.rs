@@ -20,7 +20,8 @@ use candle_core::{DType, Device, Tensor};
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::analysis::hessian::{top_eigen, PowerSettings};
-use crate::analysis::hvp::{with_second_order, Objective};
+use crate::analysis::hvp::Objective;
+use crate::kernels::second_order::with_second_order;
 use crate::analysis::spectrum::delta_log_amplitude;
 use crate::cli::BenchArgs;
 use crate::config::{

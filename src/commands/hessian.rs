@@ -17,7 +17,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::analysis::checkpoint_labels;
 use crate::analysis::hessian::{hutchinson_trace, top_eigen, PowerSettings};
-use crate::analysis::hvp::{with_second_order, HvpMethod, Objective};
+use crate::analysis::hvp::{HvpMethod, Objective};
+use crate::kernels::second_order::with_second_order;
 use crate::checkpoint::ModelOverrides;
 use crate::checkpoint::{load_model_with, save_tensors, Loaded};
 use crate::cli::HessianArgs;

@@ -7,6 +7,10 @@
 //! ([`crate::compare::Diff`]), so one number per tensor whatever its scale; the gradient check also takes all gradients as one vector. The tolerances are
 //! stated in [`Tolerances::for_precision`] and printed with the results; any excess is a
 //! [`Problem`] (exit status 1).
+//!
+//! Then every kernel on its own ([`crate::kernels::check::all`]): the op as the model calls it
+//! on the device, value and input gradients, against its primitive form on the CPU, so a wrong
+//! kernel is named by itself and not only through the model's error.
 
 use std::collections::BTreeMap;
 
@@ -31,6 +35,9 @@ pub struct Tolerances {
     pub gradients: f64,
     /// Worst single parameter's gradient.
     pub gradient_tensor: f64,
+    /// Worst kernel case, value or gradient, as max |a - e| / max |e|
+    /// ([`crate::kernels::check::all`], always f32).
+    pub kernel: f64,
 }
 
 impl Tolerances {
@@ -51,16 +58,23 @@ impl Tolerances {
                 features: 1e-4,
                 gradients: 1e-4,
                 gradient_tensor: 1e-3,
+                kernel: KERNEL_F32,
             },
             TrainPrecision::Bf16 => Tolerances {
                 loss: 5e-3,
                 features: 3e-2,
                 gradients: 2e-1,
                 gradient_tensor: 5e-1,
+                kernel: KERNEL_F32,
             },
         }
     }
 }
+
+/// The kernels' check runs in f32 whatever the model's precision: one op's rounding in
+/// another order, a few ulp on values of order 10 (the CPU's fused kernels against the
+/// primitive forms stay under 2e-5, their unit tests' bound); a wrong kernel is off by O(1).
+const KERNEL_F32: f64 = 1e-4;
 
 /// One side's results, on the host in f64.
 struct Side {
@@ -258,10 +272,26 @@ pub fn compare(args: &ParityArgs, device: &Device) -> Result<Report> {
     )?;
     let errors = Errors::between(&a, &b)?;
     let tol = Tolerances::for_precision(args.precision);
-    Ok(Report {
-        lines: report_lines(args, device, &a, &b, &errors, &tol),
-        failures: errors.failures(&tol),
-    })
+    let kernels = crate::kernels::check::all(device, DType::F32)?;
+    let mut lines = report_lines(args, device, &a, &b, &errors, &tol);
+    let mut failures = errors.failures(&tol);
+    for k in &kernels {
+        let name = format!("kernel_{}_{}", k.op.replace(' ', "_"), dims_name(&k.dims));
+        lines.push(format!(
+            "{name}_rel={:.3e} (tolerance {:.0e})",
+            k.worst(),
+            tol.kernel
+        ));
+        if k.worst().is_nan() || k.worst() > tol.kernel {
+            failures.push(format!("{name} off by {:.3e}", k.worst()));
+        }
+    }
+    Ok(Report { lines, failures })
+}
+
+/// `4x33x192` for dims [4, 33, 192].
+fn dims_name(dims: &[usize]) -> String {
+    dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")
 }
 
 /// The printed comparison: the set-up, both losses, each error with its tolerance.
