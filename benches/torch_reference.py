@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch eager timings of the work `mimscope bench` times, for the README's side-by-side table.
+"""PyTorch eager timings of the work `mimscope bench` times, for the side-by-side tables in docs/performance.md.
 
 Not run by CI. Uses the plain-PyTorch restatement of MAE / MFF in tests/reference/
 torch_reference.py (the model the golden tests come from), by default the `tiny` preset (32 px,
@@ -9,7 +9,7 @@ with softmax weights), fp32, on the CPU, and prints `key=value` lines with the s
 
   train_step_s         forward, backward and AdamW (betas 0.9/0.95, wd 0.05), batch 64, mask 0.75
   forward_step_s       unmasked encoder under no_grad, every block output kept
-  spectrum_s           the Fourier recipe (REFERENCE.md 3) on those 13 layers, torch.fft
+  spectrum_s           the Fourier recipe (docs/reference.md 3) on those 13 layers, torch.fft
   gradient_s           the loss gradient with its graph kept (create_graph=True)
   hvp_s                one exact Hessian-vector product on that retained graph
   power_s              20 power-iteration steps (PyHessian's recipe), set-up included
@@ -71,7 +71,7 @@ def timed(fn, iters):
 
 
 def spectra(layers):
-    """REFERENCE.md section 3 on every layer: (B, 1+N, C) tokens -> half-diagonal Delta."""
+    """docs/reference.md section 3 on every layer: (B, 1+N, C) tokens -> half-diagonal Delta."""
     out = []
     for x in layers:
         x = x[:, 1:, :]

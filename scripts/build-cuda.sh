@@ -2,7 +2,7 @@
 # Builds the release mimscope with the `cuda` feature for compute capability 9.0 (H100/H200)
 # on a machine without a GPU or a CUDA install, and prints the binary's path.
 #
-# CUDA 13.0 comes from pinned PyPI wheels unpacked into one folder (see ../shared/docs/GPU.md
+# CUDA 13.0 comes from pinned PyPI wheels unpacked into one folder (see docs/gpu.md
 # for why each is needed and why 13.0 exactly: newer nvcc writes PTX that driver 580 cannot
 # load). libcuda.so comes with the GPU driver, so the linker gets a generated stub with the
 # driver's soname; it is never shipped, the GPU machine's real libcuda.so.1 is loaded there.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of mimscope, in one go, on the GPU machine (see README, "GPU"): parity of the
+# The GPU checks of mimscope, in one go, on the GPU machine (see docs/gpu.md): parity of the
 # device with the CPU, the commands on the device, training-step speed of `base` in fp32 and
 # bf16 at the largest batch that fits, encoder-forward speed, the cost of a Hessian-vector
 # product against a gradient, peak memory, and the share of a real training run spent waiting

@@ -175,7 +175,7 @@ fn exact_and_finite_difference_hvps_match_the_reference() {
             Objective::new(&loaded.model, &loaded.store, &imgs, &mask, 1, 0.0, rule()).unwrap();
         let (v, want) = golden_hvp(&obj, &golden);
         let exact = with_second_order(|| obj.hvp(&v, HvpMethod::Exact)).unwrap();
-        // gelu_erf's backward uses 6-digit constants (CANDLE.md): ~1e-7 relative.
+        // gelu_erf's backward uses 6-digit constants (docs/candle.md): ~1e-7 relative.
         assert!(
             max_rel(&exact, &want) < 1e-5,
             "{name}: exact HVP off by {:.2e}",

@@ -62,7 +62,7 @@ fn check(name: &str) {
             let down = loss_of(&model, imgs, &mask);
             set_elem(var, &base, i, base[i]);
             let fd = (up - down) / (2.0 * eps);
-            // gelu_erf's backward uses 6-digit constants (CANDLE.md): a ~1e-6 relative error
+            // gelu_erf's backward uses 6-digit constants (docs/candle.md): a ~1e-6 relative error
             // per activation, which on a small entry that is a sum of cancelling terms shows
             // relative to the tensor's gradient scale. A dropped or wrong path is off by O(1).
             let tol = 1e-5 * (g[i].abs() + gmax) + 1e-12;

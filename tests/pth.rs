@@ -240,7 +240,7 @@ fn unreadable_files_get_clear_errors() {
     assert!(e.contains("--num-heads") && e.contains("32 wide"), "{e}");
 }
 
-/// `mmpretrain` name of an MAE key (independent of the crate's mapping: REFERENCE.md sections
+/// `mmpretrain` name of an MAE key (independent of the crate's mapping: docs/reference.md sections
 /// 1-2 and mmpretrain's `neck.ln1` decoder norm).
 fn to_mmpretrain(key: &str) -> String {
     let block = |sub: &str| {

@@ -1,5 +1,5 @@
 //! Hessian eigenvalues by power iteration with deflation, and Hutchinson's trace estimate
-//! (PyHessian, as used by how-do-vits-work; REFERENCE.md section 4).
+//! (PyHessian, as used by how-do-vits-work; docs/reference.md section 4).
 //!
 //! The algorithms only see a symmetric linear operator `v -> H v` on flat f64 vectors, so they
 //! are tested on matrices with known spectra; [`super::hvp`] supplies the operator of a model's

@@ -1,5 +1,5 @@
 //! Fourier analysis of feature maps (Park & Kim, "How Do Vision Transformers Work?", ICLR 2022;
-//! reused by the MFF paper's frequency plots), REFERENCE.md section 3.
+//! reused by the MFF paper's frequency plots), docs/reference.md section 3.
 //!
 //! For one feature tensor of N = h*w tokens (cls dropped) and C channels: every (sample, channel)
 //! map is reshaped row-major to (h, w), transformed by a 2-D FFT (rows, then columns), turned
@@ -257,7 +257,7 @@ pub fn depth_csv(curves: &[Curve]) -> String {
 mod tests {
     use super::*;
 
-    /// A constant map c: F(0,0) = c*h*w and F = 0 elsewhere, so (REFERENCE.md section 3)
+    /// A constant map c: F(0,0) = c*h*w and F = 0 elsewhere, so (docs/reference.md section 3)
     /// Delta(m > 0) = log(1e-6) - log(c*h*w + 1e-6).
     #[test]
     fn constant_map_has_the_analytic_curve() {

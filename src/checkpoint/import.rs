@@ -2,7 +2,7 @@
 //! safetensors, with or without a stored mimscope config.
 //!
 //! [`import`] is the one entry point: it reads the file ([`super::pth`] for `.pth` archives),
-//! renames mmpretrain keys to MAE's ([`mmpretrain_key`], REFERENCE.md sections 1-2), and takes
+//! renames mmpretrain keys to MAE's ([`mmpretrain_key`], docs/reference.md sections 1-2), and takes
 //! the config from the file's `config` metadata (with [`ModelOverrides`] applied on top) or
 //! infers it from the tensor shapes ([`super::infer`], which documents the three fields shapes
 //! cannot tell and their defaults).
@@ -79,7 +79,7 @@ fn mmpretrain_blocks(rest: &str, prefix: &str) -> Option<String> {
     Some(format!("{prefix}.{i}.{}", mmpretrain_block(sub)?))
 }
 
-/// The MAE name of an mmpretrain MAE / MFF pre-training key (REFERENCE.md sections 1-2).
+/// The MAE name of an mmpretrain MAE / MFF pre-training key (docs/reference.md sections 1-2).
 pub fn mmpretrain_key(key: &str) -> MmKey {
     if let Some((_, why)) = IGNORED_BUFFERS.iter().find(|(k, _)| *k == key) {
         return MmKey::Ignored(why);
@@ -363,7 +363,7 @@ mod tests {
 
     #[test]
     fn mmpretrain_keys_map_to_mae_names() {
-        // REFERENCE.md section 1 ("mmpretrain names") and section 2 (MFF keys).
+        // docs/reference.md section 1 ("mmpretrain names") and section 2 (MFF keys).
         for (theirs, ours) in [
             ("backbone.cls_token", "cls_token"),
             ("backbone.pos_embed", "pos_embed"),

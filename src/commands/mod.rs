@@ -146,7 +146,7 @@ impl DeviceArgs {
                     bail!(
                         "--device {d}: this mimscope was built without CUDA; build one with \
                          scripts/build-cuda.sh (or `cargo build --release --features cuda` \
-                         where CUDA is installed; see the README's GPU set-up)"
+                         where CUDA is installed; see docs/gpu.md)"
                     )
                 }
             }

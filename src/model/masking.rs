@@ -134,7 +134,7 @@ mod tests {
 
     #[test]
     fn reference_worked_example() {
-        // REFERENCE.md: noise [.9,.1,.5,.3], r=.5 -> ids_shuffle [1,3,2,0],
+        // docs/reference.md: noise [.9,.1,.5,.3], r=.5 -> ids_shuffle [1,3,2,0],
         // ids_restore [3,0,2,1], keep [1,3], mask [1,0,1,0].
         let m = Mask::from_noise(&[0.9, 0.1, 0.5, 0.3], 1, 4, 0.5);
         assert_eq!(m.ids_keep, vec![1, 3]);

@@ -34,7 +34,7 @@ mod tests {
 
     #[test]
     fn vit_b_values_from_reference_md() {
-        // REFERENCE.md: D=768, k=1 (row 0, column 1): d0 = sin 1, d192 = cos 1, d384 = sin 0, d576 = cos 0.
+        // docs/reference.md: D=768, k=1 (row 0, column 1): d0 = sin 1, d192 = cos 1, d384 = sin 0, d576 = cos 0.
         let t = sincos_2d(768, 14);
         let r = &t[2 * 768..3 * 768]; // row 1 + k with k = 1
         assert!((r[0] - 0.841471).abs() < 1e-6);

@@ -15,7 +15,7 @@ reference model, runs everything in float64, and writes tests/fixtures/analysis_
   loss, loss_f64                      pre-training loss on the fixture batch / fixed mask
   hessian.top                         top-3 Hessian eigenvalues by |lambda| (Lanczos)
   hessian.top_residual                ||H y - lambda y|| of their unit Ritz vectors
-  hessian.power_top1, hessian.power_iters   REFERENCE.md section 4 power iteration (info)
+  hessian.power_top1, hessian.power_iters   docs/reference.md section 4 power iteration (info)
   hvp.v.{param}, hvp.hv.{param}       a random unit direction v and the exact H v
   fourier.tokens/spectrum/map         standalone 8x8-grid test vector for the recipe
 
@@ -42,7 +42,7 @@ import torch_reference as ref  # noqa: E402  (model code; importing it runs no f
 torch.set_num_threads(1)
 torch.manual_seed(0)
 F64 = torch.float64
-FFT_EPS = 1e-6          # log(|F| + 1e-6), REFERENCE.md section 3
+FFT_EPS = 1e-6          # log(|F| + 1e-6), docs/reference.md section 3
 FROZEN = ("pos_embed", "decoder_pos_embed")
 NAMES = ("mae", "mff")
 # Seeds of the explicit generators (one per use, so each stream is independent).
@@ -50,7 +50,7 @@ SEED_HVP_V = 11         # hvp.v direction
 SEED_LANCZOS = 12       # Lanczos start vector
 SEED_LANCZOS_2 = 13     # second Lanczos run (cross-check only)
 SEED_POWER_TIGHT = 14   # tight power iteration (cross-check only)
-SEED_POWER_PYH = 15     # REFERENCE.md / PyHessian power iteration (stored, info only)
+SEED_POWER_PYH = 15     # docs/reference.md / PyHessian power iteration (stored, info only)
 LANCZOS_STEPS = 150
 TOP_K = 3
 
@@ -95,7 +95,7 @@ def fourier_torch(maps):
 
 
 def check_constant_map():
-    """REFERENCE.md check: a constant map c gives Delta(m>0) = log(1e-6) - log(c*h*w + 1e-6)."""
+    """docs/reference.md check: a constant map c gives Delta(m>0) = log(1e-6) - log(c*h*w + 1e-6)."""
     for (h, c) in ((4, 2.5), (14, 0.37), (8, 3.0)):
         maps = np.full((2, 3, h, h), c, dtype=np.float64)
         _, d = fourier_np(maps)
@@ -277,7 +277,7 @@ def power_tight(op, P, gen, tol=1e-14, max_iter=20000):
 
 
 def power_pyhessian(op, obj, gen, tol=1e-3, max_iter=100):
-    """REFERENCE.md section 4 / PyHessian hessian.eigenvalues(top_n=1), literally.
+    """docs/reference.md section 4 / PyHessian hessian.eigenvalues(top_n=1), literally.
 
     v ~ N(0,1) per parameter (named_parameters order), v/(||v||+1e-6); each step
     orthonormalise (no earlier eigenvectors: just normalise with +1e-6), Hv, lambda=<Hv,v>,
@@ -362,9 +362,9 @@ def hessian_analysis(obj):
     print(f"    tight power iteration: {lam_p:+.12e} after {it_p} HVPs (||Hv - lambda v|| = {res_p:.1e}); "
           f"Lanczos top-1 {top[0].item():+.12e}; rel diff {rel_p:.1e}")
     assert rel_p < 1e-9, (lam_p, top[0].item())
-    # REFERENCE.md recipe (PyHessian), information only
+    # docs/reference.md recipe (PyHessian), information only
     lam_r, n_r, last_r = power_pyhessian(hvp, obj, torch.Generator().manual_seed(SEED_POWER_PYH))
-    print(f"    REFERENCE.md power iteration (tol 1e-3, max 100): {lam_r:+.10e} after {n_r} HVPs "
+    print(f"    docs/reference.md power iteration (tol 1e-3, max 100): {lam_r:+.10e} after {n_r} HVPs "
           f"(last Rayleigh quotient {last_r:+.10e}; rel diff to Lanczos "
           f"{abs(lam_r - top[0].item()) / abs(top[0].item()):.1e})")
 
@@ -436,7 +436,7 @@ def provenance(name, cfg, mask_ratio):
         "reorthogonalisation); hessian.top_residual (f64, (3,)) ||Hy - lambda y|| of the unit Ritz "
         "vectors; hvp.v.{param} (f64) a global-unit-norm N(0,1) direction rounded to f32 values, hvp.hv.{param} (f64) "
         "exact H v; hessian.power_top1 (f64, (1,)) and hessian.power_iters (i64, (1,), number of "
-        "HVPs) from the REFERENCE.md section 4 power iteration (tol 1e-3, max 100, PyHessian returns "
+        "HVPs) from the docs/reference.md section 4 power iteration (tol 1e-3, max 100, PyHessian returns "
         "the previous lambda on stop), information only."
     )
 

@@ -18,7 +18,7 @@ use:
   no_weights.pth            a dict with neither `state_dict` nor `model` nor tensors
   legacy_format.pth         torch's pre-1.6 (non-zip) serialisation
 
-The mmpretrain names are written from REFERENCE.md sections 1-2 and mmpretrain's sources
+The mmpretrain names are written from docs/reference.md sections 1-2 and mmpretrain's sources
 (mmpretrain/models/backbones/vision_transformer.py TransformerEncoderLayer: ln1, attn.qkv,
 attn.proj, ln2, ffn.layers.0.0, ffn.layers.1; VisionTransformer final norm `ln1`;
 mmpretrain/models/necks/mae_neck.py MAEPretrainDecoder: decoder norm built with mmcv's

@@ -88,6 +88,10 @@ impl AttentionBwd {
     /// - P̄ = dO U_Vᵀ + dS̄ (dP - rowsum(dP P)) - dP rowsum(dS̄ P); S̄ = P (P̄ - rowsum(P̄ P));
     /// - Q̄ = scale (dS U_K + S̄ K); K̄ = scale (dSᵀ U_Q + S̄ᵀ Q); V̄ = dP̄ᵀ dO;
     /// - dŌ = P U_V + dP̄ V.
+    ///
+    /// One function past the crate's 80-line guide on purpose: a hot kernel whose task body is
+    /// the derivation above in order, and whose pointers share one safety argument (the
+    /// task's rows and columns); split up, each piece would need the whole argument again.
     pub(super) fn second<T: Float>(
         &self,
         qkv: &[T],
