@@ -8,11 +8,13 @@
 //! m = 0..h/2-1 minus its first element (the DC value): the relative log amplitude
 //! Delta log amplitude at frequency m*2*pi/h. Pure functions on slices; no tensors.
 
+use anyhow::Result;
 use rayon::prelude::*;
 use rustfft::num_complex::Complex;
 use rustfft::FftPlanner;
 
 use super::features::Layer;
+use crate::output::csv_text;
 
 /// log(|F| + EPS), as the reference.
 pub const EPS: f64 = 1e-6;
@@ -228,29 +230,34 @@ impl Curve {
 }
 
 /// `spectrum.csv`: checkpoint,layer,freq,delta_log_amplitude.
-pub fn spectrum_csv(curves: &[Curve]) -> String {
-    let mut s = String::from("checkpoint,layer,freq,delta_log_amplitude\n");
-    for c in curves {
-        for (f, d) in c.freq.iter().zip(&c.delta) {
-            s += &format!("{},{},{f:.6},{d:.8}\n", c.checkpoint, c.layer.name);
-        }
-    }
-    s
+pub fn spectrum_csv(curves: &[Curve]) -> Result<String> {
+    let rows = curves.iter().flat_map(|c| {
+        c.freq.iter().zip(&c.delta).map(|(f, d)| {
+            [
+                c.checkpoint.clone(),
+                c.layer.name.clone(),
+                format!("{f:.6}"),
+                format!("{d:.8}"),
+            ]
+        })
+    });
+    csv_text(
+        &["checkpoint", "layer", "freq", "delta_log_amplitude"],
+        rows,
+    )
 }
 
 /// `depth.csv`: checkpoint,layer,depth,high_freq_delta.
-pub fn depth_csv(curves: &[Curve]) -> String {
-    let mut s = String::from("checkpoint,layer,depth,high_freq_delta\n");
-    for c in curves {
-        s += &format!(
-            "{},{},{:.6},{:.8}\n",
-            c.checkpoint,
-            c.layer.name,
-            c.layer.depth,
-            c.high_freq()
-        );
-    }
-    s
+pub fn depth_csv(curves: &[Curve]) -> Result<String> {
+    let rows = curves.iter().map(|c| {
+        [
+            c.checkpoint.clone(),
+            c.layer.name.clone(),
+            format!("{:.6}", c.layer.depth),
+            format!("{:.8}", c.high_freq()),
+        ]
+    });
+    csv_text(&["checkpoint", "layer", "depth", "high_freq_delta"], rows)
 }
 
 #[cfg(test)]

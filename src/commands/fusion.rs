@@ -8,9 +8,9 @@ use candle_core::{DType, Device};
 use crate::analysis::checkpoint_labels;
 use crate::analysis::fusion::{weights_csv, weights_table, CheckpointWeights, Trajectory};
 use crate::checkpoint::load_encoder;
-use crate::output::write_atomic;
 use crate::convert::ModelOverrides;
 use crate::figures::charts::{save, FusionBars, FusionTrajectory};
+use crate::output::write_atomic;
 use crate::train::FUSION_FILE;
 
 /// What `fusion` shows.
@@ -127,7 +127,7 @@ pub fn run(s: &FusionSettings) -> Result<String> {
     }
     printed += &weights_table(&rows);
     if let Some(csv) = &s.csv {
-        write_atomic(csv, weights_csv(&rows).as_bytes())?;
+        write_atomic(csv, weights_csv(&rows)?.as_bytes())?;
         printed += &format!("wrote {}\n", csv.display());
     }
     let out = s.out.clone().unwrap_or_else(|| PathBuf::from("."));

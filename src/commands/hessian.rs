@@ -19,12 +19,12 @@ use crate::analysis::checkpoint_labels;
 use crate::analysis::hessian::{hutchinson_trace, top_eigen, PowerSettings};
 use crate::analysis::hvp::{with_second_order, HvpMethod, Objective};
 use crate::checkpoint::{load_model_with, save_tensors, Loaded};
-use crate::output::write_atomic;
 use crate::config::ModelConfig;
 use crate::convert::ModelOverrides;
 use crate::figures::charts::{save, EigenDistribution};
 use crate::model::masking::check_ratio;
 use crate::model::Mask;
+use crate::output::{write_atomic, write_csv};
 use crate::rng::{stream, Purpose};
 use crate::train::open_dataset;
 use crate::train::optim::DecayRule;
@@ -350,38 +350,61 @@ fn save_batches(
     save_tensors(path, &tensors, meta)
 }
 
+/// `hessian.csv`, `batch_loss.csv` and (with traces) `trace.csv`.
+fn write_tables(out: &Path, r: &HessianReport, trace_samples: usize) -> Result<()> {
+    let header = [
+        "checkpoint",
+        "batch",
+        "rank",
+        "eigenvalue",
+        "iterations",
+        "converged",
+        "seconds",
+    ];
+    let rows = r.rows.iter().map(|row| {
+        [
+            row.checkpoint.clone(),
+            row.batch.to_string(),
+            row.rank.to_string(),
+            format!("{:.8e}", row.eigenvalue),
+            row.iterations.to_string(),
+            row.converged.to_string(),
+            format!("{:.3}", row.seconds),
+        ]
+    });
+    write_csv(&out.join("hessian.csv"), &header, rows)?;
+    let rows = r
+        .losses
+        .iter()
+        .map(|(c, k, l)| [c.clone(), k.to_string(), format!("{l:.8}")]);
+    write_csv(
+        &out.join("batch_loss.csv"),
+        &["checkpoint", "batch", "loss"],
+        rows,
+    )?;
+    if !r.traces.is_empty() {
+        let rows = r.traces.iter().map(|(c, k, t, se)| {
+            [
+                c.clone(),
+                k.to_string(),
+                format!("{t:.8e}"),
+                format!("{se:.8e}"),
+                trace_samples.to_string(),
+            ]
+        });
+        let header = ["checkpoint", "batch", "trace", "std_error", "samples"];
+        write_csv(&out.join("trace.csv"), &header, rows)?;
+    }
+    Ok(())
+}
+
 fn write_outputs(
     out: &Path,
     r: &HessianReport,
     labels: &[String],
     s: &HessianSettings,
 ) -> Result<()> {
-    let mut csv = String::from("checkpoint,batch,rank,eigenvalue,iterations,converged,seconds\n");
-    for row in &r.rows {
-        csv += &format!(
-            "{},{},{},{:.8e},{},{},{:.3}\n",
-            row.checkpoint,
-            row.batch,
-            row.rank,
-            row.eigenvalue,
-            row.iterations,
-            row.converged,
-            row.seconds
-        );
-    }
-    write_atomic(&out.join("hessian.csv"), csv.as_bytes())?;
-    let mut csv = String::from("checkpoint,batch,loss\n");
-    for (c, k, l) in &r.losses {
-        csv += &format!("{c},{k},{l:.8}\n");
-    }
-    write_atomic(&out.join("batch_loss.csv"), csv.as_bytes())?;
-    if !r.traces.is_empty() {
-        let mut csv = String::from("checkpoint,batch,trace,std_error,samples\n");
-        for (c, k, t, se) in &r.traces {
-            csv += &format!("{c},{k},{t:.8e},{se:.8e},{}\n", s.trace_samples);
-        }
-        write_atomic(&out.join("trace.csv"), csv.as_bytes())?;
-    }
+    write_tables(out, r, s.trace_samples)?;
     let info = serde_json::json!({
         "method": r.method,
         "objective": r.objective,

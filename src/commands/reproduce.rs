@@ -13,9 +13,9 @@ use anyhow::{bail, Context, Result};
 
 use crate::analysis::fusion::CheckpointWeights;
 use crate::analysis::spectrum::Curve;
-use crate::output::write_atomic;
 use crate::cli::{Command, ReproduceArgs};
 use crate::figures::charts::median;
+use crate::output::{write_atomic, CsvTable};
 use crate::train::{FINAL_FILE, METRICS_FILE};
 
 use super::hessian::HessianReport;
@@ -199,12 +199,14 @@ pub fn run(args: &ReproduceArgs) -> Result<Outcome> {
 /// (mean over the last 10% of logged steps, last) training loss of a run.
 fn final_loss(run: &Path) -> Result<(f64, f64)> {
     let path = run.join(METRICS_FILE);
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let losses: Vec<f64> = text
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split(',').nth(3)?.parse().ok())
+    let table = CsvTable::read(&path)?;
+    let column = table
+        .column("loss")
+        .with_context(|| format!("{} has no `loss` column", path.display()))?;
+    let losses: Vec<f64> = table
+        .rows
+        .iter()
+        .filter_map(|r| r.get(column)?.parse().ok())
         .collect();
     let Some(&last) = losses.last() else {
         bail!("{} has no rows", path.display());

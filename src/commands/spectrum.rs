@@ -15,10 +15,10 @@ use crate::analysis::checkpoint_labels;
 use crate::analysis::features::features;
 use crate::analysis::spectrum::{depth_csv, frequencies, spectrum_csv, Accumulator, Curve};
 use crate::checkpoint::load_encoder;
-use crate::output::write_atomic;
 use crate::convert::ModelOverrides;
 use crate::figures::charts::{save, DepthLines, SpectrumPanels};
 use crate::model::Mae;
+use crate::output::write_atomic;
 use crate::train::open_dataset;
 
 /// What `spectrum` computes.
@@ -116,8 +116,8 @@ pub fn run(s: &SpectrumSettings, device: &Device) -> Result<Vec<Curve>> {
 /// Writes the two tables and the two figures of `curves` into `out`.
 pub fn write_outputs(out: &Path, curves: &[Curve]) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    write_atomic(&out.join("spectrum.csv"), spectrum_csv(curves).as_bytes())?;
-    write_atomic(&out.join("depth.csv"), depth_csv(curves).as_bytes())?;
+    write_atomic(&out.join("spectrum.csv"), spectrum_csv(curves)?.as_bytes())?;
+    write_atomic(&out.join("depth.csv"), depth_csv(curves)?.as_bytes())?;
     save(&SpectrumPanels { curves }, &out.join("spectrum"))?;
     save(&DepthLines { curves }, &out.join("depth"))?;
     eprintln!(
