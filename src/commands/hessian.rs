@@ -225,21 +225,7 @@ fn analyse_checkpoint(
     batches: &[(Tensor, Mask, Vec<String>)],
     report: &mut HessianReport,
 ) -> Result<()> {
-    let cfg = &loaded.model.cfg;
-    if (cfg.img_size, cfg.patch_size, cfg.in_chans)
-        != (first.img_size, first.patch_size, first.in_chans)
-    {
-        bail!(
-            "{} takes {}px images in {}px patches, but {} takes {}px in {}px: compare checkpoints \
-             with the same input size so they see identical batches",
-            path.display(),
-            cfg.img_size,
-            cfg.patch_size,
-            s.checkpoints[0].display(),
-            first.img_size,
-            first.patch_size
-        );
-    }
+    check_same_input(s, path, &loaded.model.cfg, first)?;
     let rule = DecayRule {
         decay_fusion_weights: true,
     };
@@ -263,56 +249,9 @@ fn analyse_checkpoint(
         }
         report.losses.push((label.to_string(), k, loss));
         if k == 0 {
-            // Cost of one product against one gradient, both after a warm-up gradient (the
-            // first pass of a process pays for its allocations). With one micro-batch the
-            // first exact product also builds the gradient graph the later ones reuse, so
-            // the second product is the one power iteration repeats.
-            obj.gradient()?;
-            let t = Instant::now();
-            obj.gradient()?;
-            let grad_s = t.elapsed().as_secs_f64();
-            let probe = vec![1.0 / (obj.len() as f64).sqrt(); obj.len()];
-            let t = Instant::now();
-            obj.hvp(&probe, s.method)?;
-            let first_s = t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            obj.hvp(&probe, s.method)?;
-            let hvp_s = t.elapsed().as_secs_f64();
-            eprintln!(
-                "hessian: {label}: {} parameters; one gradient {grad_s:.2} s, one Hessian-vector \
-                 product {hvp_s:.2} s = {:.1} gradients (the first {first_s:.2} s)",
-                obj.len(),
-                hvp_s / grad_s
-            );
-            report.costs.push(Cost {
-                checkpoint: label.to_string(),
-                gradient_s: grad_s,
-                first_hvp_s: first_s,
-                hvp_s,
-            });
+            report.costs.push(measure_cost(&obj, s.method, label)?);
         }
-        let mut rng = stream(s.seed, Purpose::PowerIteration, k as u64);
-        let eig = top_eigen(obj.len(), s.top_k, s.power, &mut rng, |v| {
-            obj.hvp(v, s.method)
-        })?;
-        for (r, e) in eig.iter().enumerate() {
-            eprintln!(
-                "hessian: {label} batch {k} rank {}: {:.6} ({} products{})",
-                r + 1,
-                e.value,
-                e.iterations,
-                if e.converged { "" } else { ", not converged" }
-            );
-            report.rows.push(EigenRow {
-                checkpoint: label.to_string(),
-                batch: k,
-                rank: r + 1,
-                eigenvalue: e.value,
-                iterations: e.iterations,
-                converged: e.converged,
-                seconds: e.seconds,
-            });
-        }
+        report.rows.extend(top_eigenvalues(s, &obj, label, k)?);
         if s.trace_samples > 0 {
             let mut rng = stream(s.seed, Purpose::PowerIteration, (1 << 32) + k as u64);
             let (tr, se) = hutchinson_trace(obj.len(), s.trace_samples, &mut rng, |v| {
@@ -323,6 +262,94 @@ fn analyse_checkpoint(
         }
     }
     Ok(())
+}
+
+/// Every checkpoint must take the first one's input size, so they all see identical batches.
+fn check_same_input(
+    s: &HessianSettings,
+    path: &Path,
+    cfg: &ModelConfig,
+    first: &ModelConfig,
+) -> Result<()> {
+    if (cfg.img_size, cfg.patch_size, cfg.in_chans)
+        != (first.img_size, first.patch_size, first.in_chans)
+    {
+        bail!(
+            "{} takes {}px images in {}px patches, but {} takes {}px in {}px: compare checkpoints \
+             with the same input size so they see identical batches",
+            path.display(),
+            cfg.img_size,
+            cfg.patch_size,
+            s.checkpoints[0].display(),
+            first.img_size,
+            first.patch_size
+        );
+    }
+    Ok(())
+}
+
+/// Cost of one product against one gradient, both after a warm-up gradient (the first pass
+/// of a process pays for its allocations). With one micro-batch the first exact product also
+/// builds the gradient graph the later ones reuse, so the second product is the one power
+/// iteration repeats.
+fn measure_cost(obj: &Objective, method: HvpMethod, label: &str) -> Result<Cost> {
+    obj.gradient()?;
+    let t = Instant::now();
+    obj.gradient()?;
+    let grad_s = t.elapsed().as_secs_f64();
+    let probe = vec![1.0 / (obj.len() as f64).sqrt(); obj.len()];
+    let t = Instant::now();
+    obj.hvp(&probe, method)?;
+    let first_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    obj.hvp(&probe, method)?;
+    let hvp_s = t.elapsed().as_secs_f64();
+    eprintln!(
+        "hessian: {label}: {} parameters; one gradient {grad_s:.2} s, one Hessian-vector \
+         product {hvp_s:.2} s = {:.1} gradients (the first {first_s:.2} s)",
+        obj.len(),
+        hvp_s / grad_s
+    );
+    Ok(Cost {
+        checkpoint: label.to_string(),
+        gradient_s: grad_s,
+        first_hvp_s: first_s,
+        hvp_s,
+    })
+}
+
+/// The top `s.top_k` eigenvalues on batch `k`, by power iteration from the stream
+/// (seed, PowerIteration, k).
+fn top_eigenvalues(
+    s: &HessianSettings,
+    obj: &Objective,
+    label: &str,
+    k: usize,
+) -> Result<Vec<EigenRow>> {
+    let mut rng = stream(s.seed, Purpose::PowerIteration, k as u64);
+    let eig = top_eigen(obj.len(), s.top_k, s.power, &mut rng, |v| {
+        obj.hvp(v, s.method)
+    })?;
+    let mut rows = Vec::new();
+    for (r, e) in eig.iter().enumerate() {
+        eprintln!(
+            "hessian: {label} batch {k} rank {}: {:.6} ({} products{})",
+            r + 1,
+            e.value,
+            e.iterations,
+            if e.converged { "" } else { ", not converged" }
+        );
+        rows.push(EigenRow {
+            checkpoint: label.to_string(),
+            batch: k,
+            rank: r + 1,
+            eigenvalue: e.value,
+            iterations: e.iterations,
+            converged: e.converged,
+            seconds: e.seconds,
+        });
+    }
+    Ok(rows)
 }
 
 fn save_batches(
