@@ -327,7 +327,10 @@ mod tests {
     /// A (2, 3) weight `blk.weight` (decayed) and a bias `blk.bias` (not decayed) in `dtype`.
     fn weight_and_bias(w0: &[f64; 6], b0: &[f64; 2], dtype: DType) -> BTreeMap<String, Var> {
         let var = |v: &[f64], shape: &[usize]| {
-            let t = Tensor::new(v, &Device::Cpu).unwrap().reshape(shape).unwrap();
+            let t = Tensor::new(v, &Device::Cpu)
+                .unwrap()
+                .reshape(shape)
+                .unwrap();
             Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
         };
         let mut params = BTreeMap::new();
