@@ -408,7 +408,7 @@ impl Loop<'_> {
             log.row(&row)?;
         }
         self.progress.update(done, lr, loss, ips);
-        if done % cfg.save_every == 0 || done == cfg.steps {
+        if done.is_multiple_of(cfg.save_every) || done == cfg.steps {
             let (weights, state) = checkpoint_paths(&self.ckpt_dir, done);
             save_state(&state, &self.opt, cfg, done)?;
             checkpoint::save_weights(
