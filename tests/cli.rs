@@ -438,11 +438,18 @@ fn fixtures() -> (PathBuf, PathBuf) {
     )
 }
 
+/// Every record of a CSV file, header first, read with the `csv` crate (a real parser: a
+/// quoted field holding commas stays one field); every record must have the header's count.
 fn csv_rows(path: &Path) -> Vec<Vec<String>> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| l.split(',').map(str::to_string).collect())
+    let mut r = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_path(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    r.records()
+        .map(|rec| {
+            let rec = rec.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            rec.iter().map(str::to_string).collect()
+        })
         .collect()
 }
 
@@ -721,6 +728,127 @@ fn hessian_uses_identical_saved_batches_for_every_checkpoint() {
         s(&out),
     ]);
     assert!(err.contains("--batches"), "{err}");
+}
+
+/// Tables stay valid CSV when names hold a comma, a quote and a space: spectra, Hessian,
+/// losses and fusion weights of a checkpoint named `mff "fuse" 0,2,4.safetensors`, and the
+/// reconstruction losses of an image named `a, "b" c.png`, read back by a real CSV parser.
+#[test]
+fn tables_quote_names_with_commas_quotes_and_spaces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data_dir(tmp.path());
+    let image = data.join("a").join("a, \"b\" c.png");
+    std::fs::rename(data.join("a").join("img00.png"), &image).unwrap();
+    let (mae, mff) = fixtures();
+    let label = "mff \"fuse\" 0,2,4";
+    let ck = tmp.path().join(format!("{label}.safetensors"));
+    std::fs::copy(&mff, &ck).unwrap();
+    let out = tmp.path().join("out");
+    let (spec, hess, rec, fusion) = (
+        out.join("spec"),
+        out.join("hess"),
+        out.join("rec"),
+        out.join("fusion.csv"),
+    );
+    ok(&[
+        "spectrum",
+        "--checkpoint",
+        s(&mae),
+        "--checkpoint",
+        s(&ck),
+        "--data",
+        s(&data),
+        "--images",
+        "2",
+        "--out",
+        s(&spec),
+    ]);
+    ok(&[
+        "hessian",
+        "--checkpoint",
+        s(&mae),
+        "--checkpoint",
+        s(&ck),
+        "--data",
+        s(&data),
+        "--batches",
+        "1",
+        "--batch-size",
+        "2",
+        "--top-k",
+        "1",
+        "--max-iters",
+        "2",
+        "--trace",
+        "1",
+        "--out",
+        s(&hess),
+    ]);
+    ok(&[
+        "reconstruct",
+        "--checkpoint",
+        s(&ck),
+        "--data",
+        s(&data),
+        "--images",
+        "8",
+        "--out",
+        s(&rec),
+    ]);
+    ok(&["fusion", s(&ck), "--csv", s(&fusion), "--out", s(&out)]);
+
+    // (table, its header, the name its rows carry, how many rows carry it)
+    let image = image.display().to_string();
+    for (path, header, name, count) in [
+        (
+            spec.join("spectrum.csv"),
+            "checkpoint,layer,freq,delta_log_amplitude",
+            label,
+            6 * 2,
+        ),
+        (
+            spec.join("depth.csv"),
+            "checkpoint,layer,depth,high_freq_delta",
+            label,
+            6,
+        ),
+        (
+            hess.join("hessian.csv"),
+            "checkpoint,batch,rank,eigenvalue,iterations,converged,seconds",
+            label,
+            1,
+        ),
+        (
+            hess.join("batch_loss.csv"),
+            "checkpoint,batch,loss",
+            label,
+            1,
+        ),
+        (
+            hess.join("trace.csv"),
+            "checkpoint,batch,trace,std_error,samples",
+            label,
+            1,
+        ),
+        (rec.join("losses.csv"), "image,loss", image.as_str(), 1),
+        (fusion.clone(), "checkpoint,block,weight", label, 3),
+    ] {
+        let rows = csv_rows(&path);
+        let header: Vec<&str> = header.split(',').collect();
+        assert_eq!(rows[0], header, "{}", path.display());
+        for row in &rows {
+            assert_eq!(row.len(), header.len(), "{}: {row:?}", path.display());
+        }
+        let named = rows[1..].iter().filter(|r| r[0] == name).count();
+        assert_eq!(named, count, "{}: {rows:?}", path.display());
+        // Every other first field is the other checkpoint or another image: nothing was
+        // split off a quoted name.
+        let others = &rows[1..]
+            .iter()
+            .filter(|r| r[0] != name && r[0] != "mae_tiny" && !r[0].ends_with("png"))
+            .collect::<Vec<_>>();
+        assert!(others.is_empty(), "{}: {others:?}", path.display());
+    }
 }
 
 #[test]

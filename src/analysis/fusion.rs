@@ -2,6 +2,8 @@
 
 use anyhow::{bail, Context, Result};
 
+use crate::output::{csv_text, CsvTable};
+
 /// softmax(proj_weights) after every logged step, from a run's `fusion_weights.csv`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Trajectory {
@@ -15,9 +17,12 @@ pub struct Trajectory {
 impl Trajectory {
     /// Parses `step,layer_{b0},layer_{b1},...` rows.
     pub fn parse(csv: &str) -> Result<Trajectory> {
-        let mut lines = csv.lines().filter(|l| !l.trim().is_empty());
-        let header = lines.next().context("empty file: no header row")?;
-        let mut cols = header.split(',');
+        let table = CsvTable::parse(csv)?;
+        if table.header.is_empty() {
+            bail!("empty file: no header row");
+        }
+        let header = table.header.iter().collect::<Vec<_>>().join(",");
+        let mut cols = table.header.iter();
         if cols.next() != Some("step") {
             bail!("header `{header}` does not start with `step`");
         }
@@ -32,8 +37,12 @@ impl Trajectory {
             bail!("no weight columns in `{header}`");
         }
         let (mut steps, mut weights) = (Vec::new(), Vec::new());
-        for (i, line) in lines.enumerate() {
-            let vals: Vec<&str> = line.split(',').collect();
+        // Blank lines are no rows (the reader skips empty ones; these hold only spaces).
+        let rows = table
+            .rows
+            .iter()
+            .filter(|r| !(r.len() == 1 && r[0].trim().is_empty()));
+        for (i, vals) in rows.enumerate() {
             if vals.len() != blocks.len() + 1 {
                 bail!(
                     "row {} has {} fields, expected {}",
@@ -45,11 +54,11 @@ impl Trajectory {
             steps.push(
                 vals[0]
                     .parse()
-                    .with_context(|| format!("row {}: bad step `{}`", i + 2, vals[0]))?,
+                    .with_context(|| format!("row {}: bad step `{}`", i + 2, &vals[0]))?,
             );
             weights.push(
-                vals[1..]
-                    .iter()
+                vals.iter()
+                    .skip(1)
                     .map(|v| {
                         v.parse::<f64>()
                             .with_context(|| format!("row {}: bad weight `{v}`", i + 2))
@@ -76,14 +85,14 @@ pub struct CheckpointWeights {
 }
 
 /// CSV: checkpoint,block,weight.
-pub fn weights_csv(rows: &[CheckpointWeights]) -> String {
-    let mut s = String::from("checkpoint,block,weight\n");
-    for r in rows {
-        for (b, w) in r.blocks.iter().zip(&r.weights) {
-            s += &format!("{},{b},{w:.8}\n", r.checkpoint);
-        }
-    }
-    s
+pub fn weights_csv(rows: &[CheckpointWeights]) -> Result<String> {
+    let records = rows.iter().flat_map(|r| {
+        r.blocks
+            .iter()
+            .zip(&r.weights)
+            .map(|(b, w)| [r.checkpoint.clone(), b.to_string(), format!("{w:.8}")])
+    });
+    csv_text(&["checkpoint", "block", "weight"], records)
 }
 
 /// A text table: one column per checkpoint, one row per fused block.
@@ -159,6 +168,6 @@ mod tests {
                 && lines[1].ends_with('-')
         );
         assert!(lines[3].contains("0.7500") && lines[3].contains("0.5000"));
-        assert_eq!(weights_csv(&rows).lines().count(), 5);
+        assert_eq!(weights_csv(&rows).unwrap().lines().count(), 5);
     }
 }

@@ -8,11 +8,15 @@
 //! m = 0..h/2-1 minus its first element (the DC value): the relative log amplitude
 //! Delta log amplitude at frequency m*2*pi/h. Pure functions on slices; no tensors.
 
+use anyhow::Result;
 use rayon::prelude::*;
 use rustfft::num_complex::Complex;
-use rustfft::FftPlanner;
+use std::sync::Arc;
+
+use rustfft::{Fft, FftPlanner};
 
 use super::features::Layer;
+use crate::output::csv_text;
 
 /// log(|F| + EPS), as the reference.
 pub const EPS: f64 = 1e-6;
@@ -55,101 +59,43 @@ impl Accumulator {
             batch * n * channels,
             "tokens are not (B, h*w, C)"
         );
-        let half = w / 2 + 1;
-        let pairs = channels.div_ceil(2);
         let mut planner = FftPlanner::<f64>::new();
-        let (row_fft, col_fft) = (planner.plan_fft_forward(w), planner.plan_fft_forward(h));
-        let zero = Complex::new(0.0, 0.0);
+        let plan = GroupPlan {
+            h,
+            w,
+            half: w / 2 + 1,
+            channels,
+            pairs: channels.div_ceil(2),
+            row_fft: planner.plan_fft_forward(w),
+            col_fft: planner.plan_fft_forward(h),
+        };
         // About 64k map entries per group.
         let per_group = ((1 << 16) / (n * channels).max(1)).max(1);
         let partials: Vec<Vec<f64>> = tokens
             .par_chunks(per_group * n * channels)
-            .map(|group| {
-                // Sums over (k, l), l = 0..=w/2, laid out (h, half).
-                let mut sum = vec![0.0; h * half];
-                // Products of |F| + EPS per frequency, turned into one logarithm every few maps
-                // (ln a + ln b = ln ab): a logarithm per value was most of the analysis' time.
-                let mut prod = vec![1.0f64; h * half];
-                let mut pending = 0;
-                // Channel pairs (c, c + 1) as one complex map each, (pairs, h, w); then the
-                // columns of every channel's transform, (channels, half, h).
-                let mut maps = vec![zero; pairs * n];
-                let mut cols = vec![zero; channels * half * h];
-                let mut scratch = vec![
-                    zero;
-                    row_fft
-                        .get_inplace_scratch_len()
-                        .max(col_fft.get_inplace_scratch_len())
-                ];
-                for sample in group.chunks_exact(n * channels) {
-                    for (t, token) in sample.chunks_exact(channels).enumerate() {
-                        for (p, two) in token.chunks(2).enumerate() {
-                            let im = two.get(1).copied().unwrap_or(0.0);
-                            maps[p * n + t] = Complex::new(two[0] as f64, im as f64);
-                        }
-                    }
-                    row_fft.process_with_scratch(&mut maps, &mut scratch); // every row
-
-                    // Z = A + iB row by row: A[l] = (Z[l] + conj Z[-l]) / 2 and
-                    // B[l] = (Z[l] - conj Z[-l]) / 2i.
-                    for p in 0..pairs {
-                        let (ca, cb) = (2 * p, 2 * p + 1);
-                        for i in 0..h {
-                            let row = &maps[p * n + i * w..p * n + (i + 1) * w];
-                            for l in 0..half {
-                                let (z, zm) = (row[l], row[(w - l) % w]);
-                                cols[(ca * half + l) * h + i] =
-                                    Complex::new(0.5 * (z.re + zm.re), 0.5 * (z.im - zm.im));
-                                if cb < channels {
-                                    cols[(cb * half + l) * h + i] =
-                                        Complex::new(0.5 * (z.im + zm.im), -0.5 * (z.re - zm.re));
-                                }
-                            }
-                        }
-                    }
-                    col_fft.process_with_scratch(&mut cols, &mut scratch); // every column
-                    for map in cols.chunks_exact(half * h) {
-                        let mut extreme = false;
-                        for l in 0..half {
-                            for k in 0..h {
-                                // |F| as sqrt(re² + im²): Complex::norm's hypot is
-                                // careful about overflow, which these values never reach,
-                                // and several times slower.
-                                let f = map[l * h + k];
-                                let p = &mut prod[k * half + l];
-                                *p *= (f.re * f.re + f.im * f.im).sqrt() + EPS;
-                                extreme |= !(1e-150..=1e150).contains(p);
-                            }
-                        }
-                        pending += 1;
-                        // 8 factors of at most 1e18 (or at least 1e-6) stay far inside f64's
-                        // range; anything larger is flushed at once.
-                        if pending == 8 || extreme {
-                            flush_logs(&mut sum, &mut prod);
-                            pending = 0;
-                        }
-                    }
-                }
-                flush_logs(&mut sum, &mut prod);
-                sum
-            })
+            .map(|group| plan.group_sums(group))
             .collect();
         for p in &partials {
-            for k in 0..h {
-                for l in 0..w {
-                    // Columns past w/2 mirror: (k, l) has the amplitude of (-k, -l).
-                    let (kk, ll) = if l < half {
-                        (k, l)
-                    } else {
-                        ((h - k) % h, w - l)
-                    };
-                    self.sum[k * w + l] += p[kk * half + ll];
-                }
-            }
+            self.add_mirrored(p, plan.half);
         }
         self.count += batch * channels;
     }
 
+    /// Adds a group's sums over (k, l), l = 0..=w/2, to the whole (h, w) map: columns past
+    /// w/2 mirror, (k, l) has the amplitude of (-k, -l).
+    fn add_mirrored(&mut self, partial: &[f64], half: usize) {
+        let (h, w) = (self.h, self.w);
+        for k in 0..h {
+            for l in 0..w {
+                let (kk, ll) = if l < half {
+                    (k, l)
+                } else {
+                    ((h - k) % h, w - l)
+                };
+                self.sum[k * w + l] += partial[kk * half + ll];
+            }
+        }
+    }
     /// The mean log-amplitude map, fftshifted so the zero frequency is at (h/2, w/2).
     pub fn finish(&self) -> LogAmplitude {
         let (h, w) = (self.h, self.w);
@@ -163,6 +109,121 @@ impl Accumulator {
             }
         }
         LogAmplitude { h, w, map }
+    }
+}
+
+/// What every group of samples in [`Accumulator::add`] shares: the sizes and the two FFTs.
+///
+/// The work is split per sample into three steps (load channel pairs, row transforms and
+/// their separation, column transforms and amplitudes); each step's inner loops stay whole,
+/// so the split costs a call per sample and nothing per value (measured: 64 samples of
+/// 14x14x192 in release, 6.6 ms split against 6.8 ms as one function, identical sums).
+struct GroupPlan {
+    h: usize,
+    w: usize,
+    /// Columns 0..=w/2: the half of the transform a real map needs.
+    half: usize,
+    channels: usize,
+    /// Channel pairs (c, c + 1), one complex map each.
+    pairs: usize,
+    row_fft: Arc<dyn Fft<f64>>,
+    col_fft: Arc<dyn Fft<f64>>,
+}
+
+impl GroupPlan {
+    /// Sums of log(|F| + EPS) over the samples of `group`, laid out (h, half).
+    fn group_sums(&self, group: &[f32]) -> Vec<f64> {
+        let (h, n, half) = (self.h, self.h * self.w, self.half);
+        let zero = Complex::new(0.0, 0.0);
+        let mut sum = vec![0.0; h * half];
+        // Products of |F| + EPS per frequency, turned into one logarithm every few maps
+        // (ln a + ln b = ln ab): a logarithm per value was most of the analysis' time.
+        let mut prod = vec![1.0f64; h * half];
+        let mut pending = 0;
+        // Channel pairs (c, c + 1) as one complex map each, (pairs, h, w); then the
+        // columns of every channel's transform, (channels, half, h).
+        let mut maps = vec![zero; self.pairs * n];
+        let mut cols = vec![zero; self.channels * half * h];
+        let mut scratch = vec![
+            zero;
+            self.row_fft
+                .get_inplace_scratch_len()
+                .max(self.col_fft.get_inplace_scratch_len())
+        ];
+        for sample in group.chunks_exact(n * self.channels) {
+            self.load_pairs(sample, &mut maps);
+            self.row_fft.process_with_scratch(&mut maps, &mut scratch); // every row
+            self.separate_pairs(&maps, &mut cols);
+            self.col_fft.process_with_scratch(&mut cols, &mut scratch); // every column
+            self.multiply_amplitudes(&cols, &mut sum, &mut prod, &mut pending);
+        }
+        flush_logs(&mut sum, &mut prod);
+        sum
+    }
+
+    /// One sample's (h*w, channels) tokens as channel pairs: map p holds channel 2p as its
+    /// real and channel 2p + 1 (or 0) as its imaginary part.
+    fn load_pairs(&self, sample: &[f32], maps: &mut [Complex<f64>]) {
+        let n = self.h * self.w;
+        for (t, token) in sample.chunks_exact(self.channels).enumerate() {
+            for (p, two) in token.chunks(2).enumerate() {
+                let im = two.get(1).copied().unwrap_or(0.0);
+                maps[p * n + t] = Complex::new(two[0] as f64, im as f64);
+            }
+        }
+    }
+
+    /// Splits the row transforms of the pairs into each channel's, transposed to columns.
+    /// Z = A + iB row by row: A[l] = (Z[l] + conj Z[-l]) / 2 and B[l] = (Z[l] - conj Z[-l]) / 2i.
+    fn separate_pairs(&self, maps: &[Complex<f64>], cols: &mut [Complex<f64>]) {
+        let (h, w, half, n) = (self.h, self.w, self.half, self.h * self.w);
+        for p in 0..self.pairs {
+            let (ca, cb) = (2 * p, 2 * p + 1);
+            for i in 0..h {
+                let row = &maps[p * n + i * w..p * n + (i + 1) * w];
+                for l in 0..half {
+                    let (z, zm) = (row[l], row[(w - l) % w]);
+                    cols[(ca * half + l) * h + i] =
+                        Complex::new(0.5 * (z.re + zm.re), 0.5 * (z.im - zm.im));
+                    if cb < self.channels {
+                        cols[(cb * half + l) * h + i] =
+                            Complex::new(0.5 * (z.im + zm.im), -0.5 * (z.re - zm.re));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Multiplies |F| + EPS of every channel's transform into `prod`, flushing the
+    /// products' logarithms into `sum` every 8 maps (or at once when one grows extreme).
+    fn multiply_amplitudes(
+        &self,
+        cols: &[Complex<f64>],
+        sum: &mut [f64],
+        prod: &mut [f64],
+        pending: &mut usize,
+    ) {
+        let (h, half) = (self.h, self.half);
+        for map in cols.chunks_exact(half * h) {
+            let mut extreme = false;
+            for l in 0..half {
+                for k in 0..h {
+                    // |F| as sqrt(re² + im²): Complex::norm's hypot is careful about
+                    // overflow, which these values never reach, and several times slower.
+                    let f = map[l * h + k];
+                    let p = &mut prod[k * half + l];
+                    *p *= (f.re * f.re + f.im * f.im).sqrt() + EPS;
+                    extreme |= !(1e-150..=1e150).contains(p);
+                }
+            }
+            *pending += 1;
+            // 8 factors of at most 1e18 (or at least 1e-6) stay far inside f64's range;
+            // anything larger is flushed at once.
+            if *pending == 8 || extreme {
+                flush_logs(sum, prod);
+                *pending = 0;
+            }
+        }
     }
 }
 
@@ -228,29 +289,34 @@ impl Curve {
 }
 
 /// `spectrum.csv`: checkpoint,layer,freq,delta_log_amplitude.
-pub fn spectrum_csv(curves: &[Curve]) -> String {
-    let mut s = String::from("checkpoint,layer,freq,delta_log_amplitude\n");
-    for c in curves {
-        for (f, d) in c.freq.iter().zip(&c.delta) {
-            s += &format!("{},{},{f:.6},{d:.8}\n", c.checkpoint, c.layer.name);
-        }
-    }
-    s
+pub fn spectrum_csv(curves: &[Curve]) -> Result<String> {
+    let rows = curves.iter().flat_map(|c| {
+        c.freq.iter().zip(&c.delta).map(|(f, d)| {
+            [
+                c.checkpoint.clone(),
+                c.layer.name.clone(),
+                format!("{f:.6}"),
+                format!("{d:.8}"),
+            ]
+        })
+    });
+    csv_text(
+        &["checkpoint", "layer", "freq", "delta_log_amplitude"],
+        rows,
+    )
 }
 
 /// `depth.csv`: checkpoint,layer,depth,high_freq_delta.
-pub fn depth_csv(curves: &[Curve]) -> String {
-    let mut s = String::from("checkpoint,layer,depth,high_freq_delta\n");
-    for c in curves {
-        s += &format!(
-            "{},{},{:.6},{:.8}\n",
-            c.checkpoint,
-            c.layer.name,
-            c.layer.depth,
-            c.high_freq()
-        );
-    }
-    s
+pub fn depth_csv(curves: &[Curve]) -> Result<String> {
+    let rows = curves.iter().map(|c| {
+        [
+            c.checkpoint.clone(),
+            c.layer.name.clone(),
+            format!("{:.6}", c.layer.depth),
+            format!("{:.8}", c.high_freq()),
+        ]
+    });
+    csv_text(&["checkpoint", "layer", "depth", "high_freq_delta"], rows)
 }
 
 #[cfg(test)]

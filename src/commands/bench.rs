@@ -21,7 +21,6 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::analysis::hessian::{top_eigen, PowerSettings};
 use crate::analysis::hvp::Objective;
-use crate::kernels::second_order::with_second_order;
 use crate::analysis::spectrum::delta_log_amplitude;
 use crate::cli::BenchArgs;
 use crate::config::{
@@ -29,6 +28,7 @@ use crate::config::{
     Projection, TrainPrecision,
 };
 use crate::data::Augment;
+use crate::kernels::second_order::with_second_order;
 use crate::memory::{Peak, Watch};
 use crate::model::params::DecayRule;
 use crate::model::{Mae, Mask};

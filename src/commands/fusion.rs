@@ -127,7 +127,7 @@ pub fn run(s: &FusionSettings) -> Result<String> {
     }
     printed += &weights_table(&rows);
     if let Some(csv) = &s.csv {
-        write_atomic(csv, weights_csv(&rows).as_bytes())?;
+        write_atomic(csv, weights_csv(&rows)?.as_bytes())?;
         printed += &format!("wrote {}\n", csv.display());
     }
     let out = s.out.clone().unwrap_or_else(|| PathBuf::from("."));

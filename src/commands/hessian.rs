@@ -18,15 +18,15 @@ use candle_core::{DType, Device, Tensor};
 use crate::analysis::checkpoint_labels;
 use crate::analysis::hessian::{hutchinson_trace, top_eigen, PowerSettings};
 use crate::analysis::hvp::{HvpMethod, Objective};
-use crate::kernels::second_order::with_second_order;
 use crate::checkpoint::ModelOverrides;
 use crate::checkpoint::{load_model_with, save_tensors, Loaded};
 use crate::cli::HessianArgs;
 use crate::config::{check_ratio, HvpKind, ModelConfig};
 use crate::figures::charts::{save, EigenDistribution};
+use crate::kernels::second_order::with_second_order;
 use crate::model::params::DecayRule;
 use crate::model::Mask;
-use crate::output::write_atomic;
+use crate::output::{write_atomic, write_csv};
 use crate::rng::{stream, Purpose};
 use crate::train::open_dataset;
 
@@ -226,21 +226,7 @@ fn analyse_checkpoint(
     batches: &[(Tensor, Mask, Vec<String>)],
     report: &mut HessianReport,
 ) -> Result<()> {
-    let cfg = &loaded.model.cfg;
-    if (cfg.img_size, cfg.patch_size, cfg.in_chans)
-        != (first.img_size, first.patch_size, first.in_chans)
-    {
-        bail!(
-            "{} takes {}px images in {}px patches, but {} takes {}px in {}px: compare checkpoints \
-             with the same input size so they see identical batches",
-            path.display(),
-            cfg.img_size,
-            cfg.patch_size,
-            s.checkpoints[0].display(),
-            first.img_size,
-            first.patch_size
-        );
-    }
+    check_same_input(s, path, &loaded.model.cfg, first)?;
     let rule = DecayRule {
         decay_fusion_weights: true,
     };
@@ -264,56 +250,9 @@ fn analyse_checkpoint(
         }
         report.losses.push((label.to_string(), k, loss));
         if k == 0 {
-            // Cost of one product against one gradient, both after a warm-up gradient (the
-            // first pass of a process pays for its allocations). With one micro-batch the
-            // first exact product also builds the gradient graph the later ones reuse, so
-            // the second product is the one power iteration repeats.
-            obj.gradient()?;
-            let t = Instant::now();
-            obj.gradient()?;
-            let grad_s = t.elapsed().as_secs_f64();
-            let probe = vec![1.0 / (obj.len() as f64).sqrt(); obj.len()];
-            let t = Instant::now();
-            obj.hvp(&probe, s.method)?;
-            let first_s = t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            obj.hvp(&probe, s.method)?;
-            let hvp_s = t.elapsed().as_secs_f64();
-            eprintln!(
-                "hessian: {label}: {} parameters; one gradient {grad_s:.2} s, one Hessian-vector \
-                 product {hvp_s:.2} s = {:.1} gradients (the first {first_s:.2} s)",
-                obj.len(),
-                hvp_s / grad_s
-            );
-            report.costs.push(Cost {
-                checkpoint: label.to_string(),
-                gradient_s: grad_s,
-                first_hvp_s: first_s,
-                hvp_s,
-            });
+            report.costs.push(measure_cost(&obj, s.method, label)?);
         }
-        let mut rng = stream(s.seed, Purpose::PowerIteration, k as u64);
-        let eig = top_eigen(obj.len(), s.top_k, s.power, &mut rng, |v| {
-            obj.hvp(v, s.method)
-        })?;
-        for (r, e) in eig.iter().enumerate() {
-            eprintln!(
-                "hessian: {label} batch {k} rank {}: {:.6} ({} products{})",
-                r + 1,
-                e.value,
-                e.iterations,
-                if e.converged { "" } else { ", not converged" }
-            );
-            report.rows.push(EigenRow {
-                checkpoint: label.to_string(),
-                batch: k,
-                rank: r + 1,
-                eigenvalue: e.value,
-                iterations: e.iterations,
-                converged: e.converged,
-                seconds: e.seconds,
-            });
-        }
+        report.rows.extend(top_eigenvalues(s, &obj, label, k)?);
         if s.trace_samples > 0 {
             let mut rng = stream(s.seed, Purpose::PowerIteration, (1 << 32) + k as u64);
             let (tr, se) = hutchinson_trace(obj.len(), s.trace_samples, &mut rng, |v| {
@@ -324,6 +263,94 @@ fn analyse_checkpoint(
         }
     }
     Ok(())
+}
+
+/// Every checkpoint must take the first one's input size, so they all see identical batches.
+fn check_same_input(
+    s: &HessianSettings,
+    path: &Path,
+    cfg: &ModelConfig,
+    first: &ModelConfig,
+) -> Result<()> {
+    if (cfg.img_size, cfg.patch_size, cfg.in_chans)
+        != (first.img_size, first.patch_size, first.in_chans)
+    {
+        bail!(
+            "{} takes {}px images in {}px patches, but {} takes {}px in {}px: compare checkpoints \
+             with the same input size so they see identical batches",
+            path.display(),
+            cfg.img_size,
+            cfg.patch_size,
+            s.checkpoints[0].display(),
+            first.img_size,
+            first.patch_size
+        );
+    }
+    Ok(())
+}
+
+/// Cost of one product against one gradient, both after a warm-up gradient (the first pass
+/// of a process pays for its allocations). With one micro-batch the first exact product also
+/// builds the gradient graph the later ones reuse, so the second product is the one power
+/// iteration repeats.
+fn measure_cost(obj: &Objective, method: HvpMethod, label: &str) -> Result<Cost> {
+    obj.gradient()?;
+    let t = Instant::now();
+    obj.gradient()?;
+    let grad_s = t.elapsed().as_secs_f64();
+    let probe = vec![1.0 / (obj.len() as f64).sqrt(); obj.len()];
+    let t = Instant::now();
+    obj.hvp(&probe, method)?;
+    let first_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    obj.hvp(&probe, method)?;
+    let hvp_s = t.elapsed().as_secs_f64();
+    eprintln!(
+        "hessian: {label}: {} parameters; one gradient {grad_s:.2} s, one Hessian-vector \
+         product {hvp_s:.2} s = {:.1} gradients (the first {first_s:.2} s)",
+        obj.len(),
+        hvp_s / grad_s
+    );
+    Ok(Cost {
+        checkpoint: label.to_string(),
+        gradient_s: grad_s,
+        first_hvp_s: first_s,
+        hvp_s,
+    })
+}
+
+/// The top `s.top_k` eigenvalues on batch `k`, by power iteration from the stream
+/// (seed, PowerIteration, k).
+fn top_eigenvalues(
+    s: &HessianSettings,
+    obj: &Objective,
+    label: &str,
+    k: usize,
+) -> Result<Vec<EigenRow>> {
+    let mut rng = stream(s.seed, Purpose::PowerIteration, k as u64);
+    let eig = top_eigen(obj.len(), s.top_k, s.power, &mut rng, |v| {
+        obj.hvp(v, s.method)
+    })?;
+    let mut rows = Vec::new();
+    for (r, e) in eig.iter().enumerate() {
+        eprintln!(
+            "hessian: {label} batch {k} rank {}: {:.6} ({} products{})",
+            r + 1,
+            e.value,
+            e.iterations,
+            if e.converged { "" } else { ", not converged" }
+        );
+        rows.push(EigenRow {
+            checkpoint: label.to_string(),
+            batch: k,
+            rank: r + 1,
+            eigenvalue: e.value,
+            iterations: e.iterations,
+            converged: e.converged,
+            seconds: e.seconds,
+        });
+    }
+    Ok(rows)
 }
 
 fn save_batches(
@@ -351,38 +378,61 @@ fn save_batches(
     save_tensors(path, &tensors, meta)
 }
 
+/// `hessian.csv`, `batch_loss.csv` and (with traces) `trace.csv`.
+fn write_tables(out: &Path, r: &HessianReport, trace_samples: usize) -> Result<()> {
+    let header = [
+        "checkpoint",
+        "batch",
+        "rank",
+        "eigenvalue",
+        "iterations",
+        "converged",
+        "seconds",
+    ];
+    let rows = r.rows.iter().map(|row| {
+        [
+            row.checkpoint.clone(),
+            row.batch.to_string(),
+            row.rank.to_string(),
+            format!("{:.8e}", row.eigenvalue),
+            row.iterations.to_string(),
+            row.converged.to_string(),
+            format!("{:.3}", row.seconds),
+        ]
+    });
+    write_csv(&out.join("hessian.csv"), &header, rows)?;
+    let rows = r
+        .losses
+        .iter()
+        .map(|(c, k, l)| [c.clone(), k.to_string(), format!("{l:.8}")]);
+    write_csv(
+        &out.join("batch_loss.csv"),
+        &["checkpoint", "batch", "loss"],
+        rows,
+    )?;
+    if !r.traces.is_empty() {
+        let rows = r.traces.iter().map(|(c, k, t, se)| {
+            [
+                c.clone(),
+                k.to_string(),
+                format!("{t:.8e}"),
+                format!("{se:.8e}"),
+                trace_samples.to_string(),
+            ]
+        });
+        let header = ["checkpoint", "batch", "trace", "std_error", "samples"];
+        write_csv(&out.join("trace.csv"), &header, rows)?;
+    }
+    Ok(())
+}
+
 fn write_outputs(
     out: &Path,
     r: &HessianReport,
     labels: &[String],
     s: &HessianSettings,
 ) -> Result<()> {
-    let mut csv = String::from("checkpoint,batch,rank,eigenvalue,iterations,converged,seconds\n");
-    for row in &r.rows {
-        csv += &format!(
-            "{},{},{},{:.8e},{},{},{:.3}\n",
-            row.checkpoint,
-            row.batch,
-            row.rank,
-            row.eigenvalue,
-            row.iterations,
-            row.converged,
-            row.seconds
-        );
-    }
-    write_atomic(&out.join("hessian.csv"), csv.as_bytes())?;
-    let mut csv = String::from("checkpoint,batch,loss\n");
-    for (c, k, l) in &r.losses {
-        csv += &format!("{c},{k},{l:.8}\n");
-    }
-    write_atomic(&out.join("batch_loss.csv"), csv.as_bytes())?;
-    if !r.traces.is_empty() {
-        let mut csv = String::from("checkpoint,batch,trace,std_error,samples\n");
-        for (c, k, t, se) in &r.traces {
-            csv += &format!("{c},{k},{t:.8e},{se:.8e},{}\n", s.trace_samples);
-        }
-        write_atomic(&out.join("trace.csv"), csv.as_bytes())?;
-    }
+    write_tables(out, r, s.trace_samples)?;
     let info = serde_json::json!({
         "method": r.method,
         "objective": r.objective,

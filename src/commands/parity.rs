@@ -291,7 +291,10 @@ pub fn compare(args: &ParityArgs, device: &Device) -> Result<Report> {
 
 /// `4x33x192` for dims [4, 33, 192].
 fn dims_name(dims: &[usize]) -> String {
-    dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")
+    dims.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("x")
 }
 
 /// The printed comparison: the set-up, both losses, each error with its tolerance.

@@ -16,7 +16,6 @@
 //! 1 = removed) and `inputs.safetensors` (`images` (N, 3, S, S), exactly the model input).
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -178,21 +177,12 @@ pub fn figure_rows(
 }
 
 /// `losses.csv`: `image,loss` with 6 decimals, one row per image.
-fn losses_csv(paths: &[PathBuf], losses: &[f32]) -> String {
-    let mut s = String::from("image,loss\n");
-    for (p, l) in paths.iter().zip(losses) {
-        let _ = writeln!(s, "{},{l:.6}", csv_field(&p.display().to_string()));
-    }
-    s
-}
-
-/// Quotes a CSV field when it contains a comma, quote or line break (RFC 4180).
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
+fn losses_csv(paths: &[PathBuf], losses: &[f32]) -> Result<String> {
+    let rows = paths
+        .iter()
+        .zip(losses)
+        .map(|(p, l)| [p.display().to_string(), format!("{l:.6}")]);
+    crate::output::csv_text(&["image", "loss"], rows)
 }
 
 /// The `reconstruct` command: see the module docs.
@@ -269,7 +259,7 @@ fn write_outputs(
     );
     let rows = figure_rows(rec, cfg.patch_size)?;
     figures::reconstruction_figure(&out.join("reconstruction.png"), &rows, &caption)?;
-    let csv = losses_csv(paths, &rec.per_image_loss);
+    let csv = losses_csv(paths, &rec.per_image_loss)?;
     crate::output::write_atomic(&out.join("losses.csv"), csv.as_bytes())?;
     let meta = HashMap::from([
         (
@@ -577,7 +567,8 @@ mod tests {
         let csv = losses_csv(
             &[PathBuf::from("a,b.png"), PathBuf::from("c.png")],
             &[0.5, 1.25],
-        );
+        )
+        .unwrap();
         assert_eq!(csv, "image,loss\n\"a,b.png\",0.500000\nc.png,1.250000\n");
     }
 }

@@ -15,7 +15,7 @@ use crate::analysis::fusion::CheckpointWeights;
 use crate::analysis::spectrum::Curve;
 use crate::cli::{Command, ReproduceArgs};
 use crate::figures::charts::median;
-use crate::output::write_atomic;
+use crate::output::{write_atomic, CsvTable};
 use crate::train::{FINAL_FILE, METRICS_FILE};
 
 use super::hessian::HessianReport;
@@ -74,21 +74,73 @@ pub fn run(args: &ReproduceArgs) -> Result<Outcome> {
     let out = &args.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let started = Instant::now();
-    let mut common = strings(&[
-        "--seed",
-        &args.seed.to_string(),
-        "--device",
-        &args.device.device,
-    ]);
-    if let Some(d) = &args.data {
-        common.extend(["--data".to_string(), d.display().to_string()]);
-    }
-    let dev = strings(&["--device", &args.device.device]);
-    let mut timings = Vec::new();
-
+    let mut st = Stages::new(args, plan);
     let runs = [out.join("mae"), out.join("mff")];
     for (kind, dir) in ["mae", "mff"].iter().zip(&runs) {
+        st.timed(format!("train {kind}"), |st| st.train(kind, dir))?;
+    }
+    let finals: Vec<PathBuf> = runs.iter().map(|r| r.join(FINAL_FILE)).collect();
+    let curves = st.timed("spectrum".to_string(), |st| st.spectrum(&finals))?;
+    let fusion = st.timed("fusion".to_string(), |st| st.fusion(&runs[1], &finals[1]))?;
+    let hessian = st.timed("hessian".to_string(), |st| st.hessian(&finals))?;
+
+    let losses = [final_loss(&runs[0])?, final_loss(&runs[1])?];
+    let outcome = Outcome {
+        curves,
+        hessian,
+        fusion,
+        losses,
+    };
+    st.timings
+        .push(("total".to_string(), started.elapsed().as_secs_f64()));
+    let report = report(args, &st.plan, &outcome, &st.timings);
+    write_atomic(&out.join("report.md"), report.as_bytes())?;
+    eprintln!("\n{report}");
+    eprintln!("report: {}", out.join("report.md").display());
+    Ok(outcome)
+}
+
+/// The stages of a reproduction: each builds its command line, parses it as the command line
+/// would and runs it; the time each took goes into the report.
+struct Stages<'a> {
+    args: &'a ReproduceArgs,
+    plan: Plan,
+    /// `--seed`, `--device` and (when given) `--data`, as train and hessian take them.
+    common: Vec<String>,
+    /// (stage, seconds).
+    timings: Vec<(String, f64)>,
+}
+
+impl<'a> Stages<'a> {
+    fn new(args: &'a ReproduceArgs, plan: Plan) -> Self {
+        let mut common = strings(&[
+            "--seed",
+            &args.seed.to_string(),
+            "--device",
+            &args.device.device,
+        ]);
+        if let Some(d) = &args.data {
+            common.extend(["--data".to_string(), d.display().to_string()]);
+        }
+        Stages {
+            args,
+            plan,
+            common,
+            timings: Vec::new(),
+        }
+    }
+
+    /// Runs one stage and records its time.
+    fn timed<T>(&mut self, stage: String, f: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
         let t = Instant::now();
+        let value = f(self)?;
+        self.timings.push((stage, t.elapsed().as_secs_f64()));
+        Ok(value)
+    }
+
+    /// Trains (or continues, or skips when finished) the `kind` run in `dir`.
+    fn train(&self, kind: &str, dir: &Path) -> Result<()> {
+        let (args, plan) = (self.args, &self.plan);
         let mut a = strings(&[
             "mimscope",
             "train",
@@ -107,104 +159,94 @@ pub fn run(args: &ReproduceArgs) -> Result<Outcome> {
             "--out",
             &dir.display().to_string(),
         ]);
-        a.extend(common.clone());
+        a.extend(self.common.clone());
         let Command::Train(train) = parse(&a)? else {
             bail!("internal: the train command line parsed as another command");
         };
-        super::train_or_continue(&train)?;
-        timings.push((format!("train {kind}"), t.elapsed().as_secs_f64()));
+        super::train_or_continue(&train)
     }
-    let finals: Vec<PathBuf> = runs.iter().map(|r| r.join(FINAL_FILE)).collect();
-    let ck = |flag: &str| -> Vec<String> {
-        finals
-            .iter()
-            .flat_map(|f| [flag.to_string(), f.display().to_string()])
-            .collect()
-    };
 
-    let t = Instant::now();
-    let mut a = strings(&[
-        "mimscope",
-        "spectrum",
-        "--images",
-        &plan.spectrum_images.to_string(),
-    ]);
-    a.extend(ck("--checkpoint"));
-    a.extend([
-        "--out".to_string(),
-        out.join("spectrum").display().to_string(),
-    ]);
-    a.extend(dev.clone());
-    if let Some(d) = &args.data {
-        a.extend(["--data".to_string(), d.display().to_string()]);
+    fn spectrum(&self, finals: &[PathBuf]) -> Result<Vec<Curve>> {
+        let args = self.args;
+        let mut a = strings(&[
+            "mimscope",
+            "spectrum",
+            "--images",
+            &self.plan.spectrum_images.to_string(),
+        ]);
+        a.extend(checkpoint_args(finals));
+        a.extend([
+            "--out".to_string(),
+            args.out.join("spectrum").display().to_string(),
+        ]);
+        a.extend(strings(&["--device", &args.device.device]));
+        if let Some(d) = &args.data {
+            a.extend(["--data".to_string(), d.display().to_string()]);
+        }
+        let Command::Spectrum(sp) = parse(&a)? else {
+            bail!("internal: the spectrum command line parsed as another command");
+        };
+        super::spectrum::run(&sp.settings(), &sp.device.device()?)
     }
-    let Command::Spectrum(sp) = parse(&a)? else {
-        bail!("internal: the spectrum command line parsed as another command");
-    };
-    let curves = super::spectrum::run(&sp.settings(), &sp.device.device()?)?;
-    timings.push(("spectrum".to_string(), t.elapsed().as_secs_f64()));
 
-    let t = Instant::now();
-    let fusion_dir = out.join("fusion");
-    let a = strings(&[
-        "mimscope",
-        "fusion",
-        "--out",
-        &fusion_dir.display().to_string(),
-        &runs[1].display().to_string(),
-    ]);
-    super::execute(parse(&a)?)?;
-    let fusion =
-        super::fusion::checkpoint_weights(&finals[1], "mff/final", &Default::default())?.ok();
-    timings.push(("fusion".to_string(), t.elapsed().as_secs_f64()));
+    /// Plots the MFF run's logged weights; returns its final checkpoint's weights.
+    fn fusion(&self, mff_run: &Path, mff_final: &Path) -> Result<Option<CheckpointWeights>> {
+        let fusion_dir = self.args.out.join("fusion");
+        let a = strings(&[
+            "mimscope",
+            "fusion",
+            "--out",
+            &fusion_dir.display().to_string(),
+            &mff_run.display().to_string(),
+        ]);
+        super::execute(parse(&a)?)?;
+        Ok(super::fusion::checkpoint_weights(mff_final, "mff/final", &Default::default())?.ok())
+    }
 
-    let t = Instant::now();
-    let mut a = strings(&[
-        "mimscope",
-        "hessian",
-        "--batches",
-        &plan.hessian_batches.to_string(),
-        "--batch-size",
-        &plan.hessian_batch_size.to_string(),
-        "--micro-batch",
-        &plan.hessian_batch_size.to_string(),
-        "--max-iters",
-        &plan.hessian_max_iters.to_string(),
-        "--out",
-        &out.join("hessian").display().to_string(),
-    ]);
-    a.extend(ck("--checkpoint"));
-    a.extend(common.clone());
-    let Command::Hessian(h) = parse(&a)? else {
-        bail!("internal: the hessian command line parsed as another command");
-    };
-    let hessian = super::hessian::run(&h.settings(), &h.device.device()?)?;
-    timings.push(("hessian".to_string(), t.elapsed().as_secs_f64()));
+    fn hessian(&self, finals: &[PathBuf]) -> Result<HessianReport> {
+        let plan = &self.plan;
+        let mut a = strings(&[
+            "mimscope",
+            "hessian",
+            "--batches",
+            &plan.hessian_batches.to_string(),
+            "--batch-size",
+            &plan.hessian_batch_size.to_string(),
+            "--micro-batch",
+            &plan.hessian_batch_size.to_string(),
+            "--max-iters",
+            &plan.hessian_max_iters.to_string(),
+            "--out",
+            &self.args.out.join("hessian").display().to_string(),
+        ]);
+        a.extend(checkpoint_args(finals));
+        a.extend(self.common.clone());
+        let Command::Hessian(h) = parse(&a)? else {
+            bail!("internal: the hessian command line parsed as another command");
+        };
+        super::hessian::run(&h.settings(), &h.device.device()?)
+    }
+}
 
-    let losses = [final_loss(&runs[0])?, final_loss(&runs[1])?];
-    let outcome = Outcome {
-        curves,
-        hessian,
-        fusion,
-        losses,
-    };
-    timings.push(("total".to_string(), started.elapsed().as_secs_f64()));
-    let report = report(args, &plan, &outcome, &timings);
-    write_atomic(&out.join("report.md"), report.as_bytes())?;
-    eprintln!("\n{report}");
-    eprintln!("report: {}", out.join("report.md").display());
-    Ok(outcome)
+/// `--checkpoint FILE` for each of `finals`.
+fn checkpoint_args(finals: &[PathBuf]) -> Vec<String> {
+    finals
+        .iter()
+        .flat_map(|f| ["--checkpoint".to_string(), f.display().to_string()])
+        .collect()
 }
 
 /// (mean over the last 10% of logged steps, last) training loss of a run.
 fn final_loss(run: &Path) -> Result<(f64, f64)> {
     let path = run.join(METRICS_FILE);
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let losses: Vec<f64> = text
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split(',').nth(3)?.parse().ok())
+    let table = CsvTable::read(&path)?;
+    let column = table
+        .column("loss")
+        .with_context(|| format!("{} has no `loss` column", path.display()))?;
+    let losses: Vec<f64> = table
+        .rows
+        .iter()
+        .filter_map(|r| r.get(column)?.parse().ok())
         .collect();
     let Some(&last) = losses.last() else {
         bail!("{} has no rows", path.display());
@@ -224,29 +266,66 @@ fn fmt(v: Option<f64>) -> String {
     v.map_or("-".to_string(), |x| format!("{x:.4}"))
 }
 
-/// The report's Markdown.
+/// The numbers the report's summary and findings both quote.
+struct Headline {
+    /// The last block's layer name (its index).
+    last: String,
+    /// High-frequency Δ log amplitude: MAE's and MFF's last block, MFF's fused output.
+    hf_mae: Option<f64>,
+    hf_mff: Option<f64>,
+    hf_fused: Option<f64>,
+    /// Top Hessian eigenvalue per batch, and its median, of MAE and of MFF.
+    top_mae: Vec<f64>,
+    med_mae: f64,
+    med_mff: f64,
+}
+
+const MAE: &str = "mae/final";
+const MFF: &str = "mff/final";
+
+impl Headline {
+    fn of(o: &Outcome) -> Headline {
+        let last = o
+            .curves
+            .iter()
+            .filter(|c| c.checkpoint == MAE)
+            .filter_map(|c| c.layer.name.parse::<usize>().ok())
+            .max()
+            .unwrap_or(0)
+            .to_string();
+        let (top_mae, top_mff) = (o.hessian.top(MAE), o.hessian.top(MFF));
+        Headline {
+            hf_mae: high_freq(&o.curves, MAE, &last),
+            hf_mff: high_freq(&o.curves, MFF, &last),
+            hf_fused: high_freq(&o.curves, MFF, "fused"),
+            last,
+            med_mae: median(&top_mae),
+            med_mff: median(&top_mff),
+            top_mae,
+        }
+    }
+}
+
+/// The report's Markdown: what was run, the summary table, the paper's three findings, the
+/// figures, the files and the time of each stage.
 pub fn report(args: &ReproduceArgs, plan: &Plan, o: &Outcome, timings: &[(String, f64)]) -> String {
-    let (mae, mff) = ("mae/final", "mff/final");
-    let last = o
-        .curves
-        .iter()
-        .filter(|c| c.checkpoint == mae)
-        .filter_map(|c| c.layer.name.parse::<usize>().ok())
-        .max()
-        .unwrap_or(0)
-        .to_string();
-    let hf_mae = high_freq(&o.curves, mae, &last);
-    let hf_mff = high_freq(&o.curves, mff, &last);
-    let hf_fused = high_freq(&o.curves, mff, "fused");
-    let (top_mae, top_mff) = (o.hessian.top(mae), o.hessian.top(mff));
-    let (med_mae, med_mff) = (median(&top_mae), median(&top_mff));
+    let h = Headline::of(o);
+    let mut s = String::new();
+    s += &setup_paragraph(args, plan, o);
+    s += &summary_table(o, &h);
+    s += &findings(o, &h);
+    s += &figures_and_files(timings);
+    s
+}
+
+/// The title and the paragraph saying what both models ran on.
+fn setup_paragraph(args: &ReproduceArgs, plan: &Plan, o: &Outcome) -> String {
     let data = args
         .data
         .as_ref()
         .map_or("the bundled photos".to_string(), |d| {
             d.display().to_string()
         });
-
     let mut s = String::new();
     s += "# MAE vs MFF-MAE: the MFF paper's three analyses at `tiny` scale\n\n";
     s += &format!(
@@ -266,6 +345,15 @@ pub fn report(args: &ReproduceArgs, plan: &Plan, o: &Outcome, timings: &[(String
         o.hessian.method,
         plan.hessian_max_iters,
     );
+    s
+}
+
+/// The summary table: loss, high-frequency amplitude, Hessian, product cost, fusion weights.
+fn summary_table(o: &Outcome, h: &Headline) -> String {
+    let (hf_mae, hf_mff, hf_fused) = (h.hf_mae, h.hf_mff, h.hf_fused);
+    let (last, top_mae, med_mae, med_mff) = (&h.last, &h.top_mae, h.med_mae, h.med_mff);
+    let (mae, mff) = (MAE, MFF);
+    let mut s = String::new();
     s += "## Summary\n\n| | MAE | MFF |\n|---|---|---|\n";
     s += &format!(
         "| training loss, mean of the last 10% of steps (last step) | {:.4} ({:.4}) | {:.4} ({:.4}) |\n",
@@ -314,6 +402,14 @@ pub fn report(args: &ReproduceArgs, plan: &Plan, o: &Outcome, timings: &[(String
     });
     s += &format!("| final fusion weights (softmax) | - | {weights} |\n\n");
 
+    s
+}
+
+/// The paper's three findings, each answered from the numbers.
+fn findings(o: &Outcome, h: &Headline) -> String {
+    let (hf_mae, hf_mff, hf_fused) = (h.hf_mae, h.hf_mff, h.hf_fused);
+    let (med_mae, med_mff) = (h.med_mae, h.med_mff);
+    let mut s = String::new();
     s += "## The paper's findings at this scale\n\n";
     s += "Computed from the numbers above, not forced: at a few hundred steps on ~100 photos \
           these are small-sample observations, not a replication.\n\n";
@@ -355,6 +451,12 @@ pub fn report(args: &ReproduceArgs, plan: &Plan, o: &Outcome, timings: &[(String
         }
     );
 
+    s
+}
+
+/// The figures, the list of files and the time table.
+fn figures_and_files(timings: &[(String, f64)]) -> String {
+    let mut s = String::new();
     s += "## Figures\n\n";
     for (title, path) in [
         (

@@ -117,8 +117,8 @@ pub fn run(s: &SpectrumSettings, device: &Device) -> Result<Vec<Curve>> {
 /// Writes the two tables and the two figures of `curves` into `out`.
 pub fn write_outputs(out: &Path, curves: &[Curve]) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    write_atomic(&out.join("spectrum.csv"), spectrum_csv(curves).as_bytes())?;
-    write_atomic(&out.join("depth.csv"), depth_csv(curves).as_bytes())?;
+    write_atomic(&out.join("spectrum.csv"), spectrum_csv(curves)?.as_bytes())?;
+    write_atomic(&out.join("depth.csv"), depth_csv(curves)?.as_bytes())?;
     save(&SpectrumPanels { curves }, &out.join("spectrum"))?;
     save(&DepthLines { curves }, &out.join("depth"))?;
     eprintln!(

@@ -13,8 +13,9 @@ pub mod schedule;
 pub mod step;
 
 use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -24,8 +25,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::checkpoint::{self, checkpoint_paths, latest_checkpoint};
 use crate::config::{TrainConfig, TrainPrecision};
 use crate::data::Dataset;
-use crate::model::{Mae, Mask};
-use crate::output::write_atomic;
+use crate::model::{Mae, Mask, ParamStore};
+use crate::output::{write_atomic, CsvLog};
 use crate::rng::{stream, Purpose};
 use optim::AdamW;
 
@@ -65,66 +66,29 @@ fn checkpoint_metadata(cfg: &TrainConfig, step: u64) -> Result<HashMap<String, S
     Ok(m)
 }
 
-/// A CSV file appended to row by row and flushed after each row.
-struct Csv {
-    file: std::fs::File,
-}
-
-impl Csv {
-    /// Opens `path` for appending; a fresh file gets `header`. On resume, rows after
-    /// `keep_through` (written after the checkpoint, or cut off by a kill) are dropped first.
-    fn open(path: &Path, header: &str, keep_through: Option<u64>) -> Result<Self> {
-        if let Some(step) = keep_through {
-            let text = std::fs::read_to_string(path).unwrap_or_default();
-            let mut kept = String::new();
-            for (i, line) in text.split_inclusive('\n').enumerate() {
-                let complete = line.ends_with('\n');
-                let row_step = line.split(',').next().and_then(|s| s.parse::<u64>().ok());
-                if (i == 0 && line.trim_end() == header)
-                    || (complete && row_step.is_some_and(|s| s <= step))
-                {
-                    kept.push_str(line);
-                }
-            }
-            if kept.is_empty() {
-                kept = format!("{header}\n");
-            }
-            write_atomic(path, kept.as_bytes())?;
-        } else {
-            write_atomic(path, format!("{header}\n").as_bytes())?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { file })
-    }
-
-    fn row(&mut self, line: &str) -> Result<()> {
-        self.file.write_all(format!("{line}\n").as_bytes())?;
-        self.file.flush()?;
-        Ok(())
-    }
-}
-
-fn fusion_row(step: u64, model: &Mae) -> Result<Option<String>> {
+/// The fusion log's row after `step`: softmax(proj_weights), or None without scalar weights.
+fn fusion_row(step: u64, model: &Mae) -> Result<Option<Vec<String>>> {
     let Some(w) = model.fusion().map(|f| f.weights()).transpose()?.flatten() else {
         return Ok(None);
     };
     let w = w.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let cols: Vec<String> = w.iter().map(|v| format!("{v:.8}")).collect();
-    Ok(Some(format!("{step},{}", cols.join(","))))
+    let mut row = vec![step.to_string()];
+    row.extend(w.iter().map(|v| format!("{v:.8}")));
+    Ok(Some(row))
 }
 
-fn fusion_header(cfg: &TrainConfig) -> String {
-    let cols: Vec<String> = cfg
-        .model
-        .fused_blocks()
-        .iter()
-        .map(|b| format!("layer_{b}"))
-        .collect();
-    format!("step,{}", cols.join(","))
+fn fusion_header(cfg: &TrainConfig) -> Vec<String> {
+    let mut cols = vec!["step".to_string()];
+    cols.extend(
+        cfg.model
+            .fused_blocks()
+            .iter()
+            .map(|b| format!("layer_{b}")),
+    );
+    cols
 }
+
+const METRICS_HEADER: [&str; 5] = ["step", "epoch", "lr", "loss", "images_per_s"];
 
 /// bf16 training is for GPUs: a CPU run refuses it before anything is written.
 fn check_precision(cfg: &TrainConfig, device: &Device, resuming: bool) -> Result<()> {
@@ -158,51 +122,8 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
     let ckpt_dir = run_dir.join("checkpoints");
     let resuming = matches!(start, Start::Resume);
     let (cfg, dataset) = match start {
-        Start::Fresh(cfg, dataset) => {
-            check_precision(&cfg, device, false)?;
-            if run_dir.exists()
-                && std::fs::read_dir(run_dir)
-                    .map(|mut d| d.next().is_some())
-                    .unwrap_or(false)
-            {
-                bail!(
-                    "run folder {} already exists and is not empty; continue it with \
-                     `mimscope train --resume {}` or choose another --out",
-                    run_dir.display(),
-                    run_dir.display()
-                );
-            }
-            std::fs::create_dir_all(&ckpt_dir)
-                .with_context(|| format!("creating {}", ckpt_dir.display()))?;
-            write_atomic(
-                &run_dir.join(CONFIG_FILE),
-                serde_json::to_string_pretty(&cfg)?.as_bytes(),
-            )?;
-            (cfg, dataset)
-        }
-        Start::Resume => {
-            let path = run_dir.join(CONFIG_FILE);
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!(
-                    "reading {} (is {} a mimscope run folder?)",
-                    path.display(),
-                    run_dir.display()
-                )
-            })?;
-            let cfg = serde_json::from_str::<TrainConfig>(&text)
-                .with_context(|| format!("parsing {}", path.display()))?;
-            check_precision(&cfg, device, true)?;
-            let dataset = open_dataset(cfg.data.as_deref())?;
-            if dataset.len() != cfg.dataset_size {
-                eprintln!(
-                    "warning: the run started with {} usable images and now finds {}: the \
-                     resumed run will not draw the batches the original would have",
-                    cfg.dataset_size,
-                    dataset.len()
-                );
-            }
-            (cfg, dataset)
-        }
+        Start::Fresh(cfg, dataset) => (create_run(run_dir, &ckpt_dir, cfg, device)?, dataset),
+        Start::Resume => reopen_run(run_dir, device)?,
     };
     if resuming && run_dir.join(FINAL_FILE).exists() {
         bail!(
@@ -211,7 +132,124 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
             FINAL_FILE
         );
     }
+    log_data(&cfg, &dataset);
 
+    // Model and optimiser, fresh or from the newest checkpoint.
+    let resume_step = if resuming {
+        latest_checkpoint(&ckpt_dir)?
+    } else {
+        None
+    };
+    let (mut model, store, opt) = match resume_step {
+        Some(step) => load_checkpoint(&cfg, &ckpt_dir, step, device)?,
+        None => {
+            if resuming {
+                eprintln!(
+                    "no checkpoint in {} yet: starting the run over",
+                    ckpt_dir.display()
+                );
+            }
+            init_model(&cfg, device)?
+        }
+    };
+    model.set_matmul_dtype(cfg.precision.matmul_dtype());
+    let first = resume_step.unwrap_or(0);
+    log_schedule(&cfg, &opt);
+    let (metrics, fusion) = open_logs(run_dir, &cfg, &model, resume_step)?;
+
+    let last_good = resume_step.map(|s| checkpoint_paths(&ckpt_dir, s).0);
+    let mut run = Loop {
+        cfg: &cfg,
+        device,
+        ckpt_dir,
+        steps_per_epoch: cfg.steps_per_epoch(dataset.len()),
+        progress: Progress::new(first, cfg.steps),
+        model,
+        store,
+        opt,
+        metrics,
+        fusion,
+        last_good,
+        waited: std::time::Duration::ZERO,
+    };
+    let started = Instant::now();
+    run.all_steps(&dataset, first)?;
+    run.progress.finish();
+    let total = started.elapsed().as_secs_f64();
+    if total > 0.0 && cfg.steps > first {
+        eprintln!(
+            "data: the steps waited {:.1} s for batches (and their copy to the device), {:.1}% \
+             of {total:.1} s of training",
+            run.waited.as_secs_f64(),
+            100.0 * run.waited.as_secs_f64() / total
+        );
+    }
+    let final_path = run_dir.join(FINAL_FILE);
+    checkpoint::save_weights(
+        &final_path,
+        &cfg.model,
+        &run.store,
+        checkpoint_metadata(&cfg, cfg.steps)?,
+    )?;
+    eprintln!("final checkpoint: {}", final_path.display());
+    Ok((final_path, cfg))
+}
+
+/// A new run: refuses a non-empty folder, then writes the folder and its `config.json`.
+fn create_run(
+    run_dir: &Path,
+    ckpt_dir: &Path,
+    cfg: TrainConfig,
+    device: &Device,
+) -> Result<TrainConfig> {
+    check_precision(&cfg, device, false)?;
+    if run_dir.exists()
+        && std::fs::read_dir(run_dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+    {
+        bail!(
+            "run folder {} already exists and is not empty; continue it with \
+             `mimscope train --resume {}` or choose another --out",
+            run_dir.display(),
+            run_dir.display()
+        );
+    }
+    std::fs::create_dir_all(ckpt_dir)
+        .with_context(|| format!("creating {}", ckpt_dir.display()))?;
+    write_atomic(
+        &run_dir.join(CONFIG_FILE),
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
+    Ok(cfg)
+}
+
+/// A run to resume: its stored config and its images (warning when their count changed).
+fn reopen_run(run_dir: &Path, device: &Device) -> Result<(TrainConfig, Dataset)> {
+    let path = run_dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (is {} a mimscope run folder?)",
+            path.display(),
+            run_dir.display()
+        )
+    })?;
+    let cfg = serde_json::from_str::<TrainConfig>(&text)
+        .with_context(|| format!("parsing {}", path.display()))?;
+    check_precision(&cfg, device, true)?;
+    let dataset = open_dataset(cfg.data.as_deref())?;
+    if dataset.len() != cfg.dataset_size {
+        eprintln!(
+            "warning: the run started with {} usable images and now finds {}: the \
+             resumed run will not draw the batches the original would have",
+            cfg.dataset_size,
+            dataset.len()
+        );
+    }
+    Ok((cfg, dataset))
+}
+
+fn log_data(cfg: &TrainConfig, dataset: &Dataset) {
     eprintln!(
         "data: {} images from {}{}",
         dataset.len(),
@@ -226,39 +264,33 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
             String::new()
         }
     );
+}
 
-    // Model and optimiser, fresh or from the newest checkpoint.
-    let resume_step = if resuming {
-        latest_checkpoint(&ckpt_dir)?
-    } else {
-        None
-    };
-    let (model, store, mut opt) = match resume_step {
-        Some(step) => {
-            let (weights, state) = checkpoint_paths(&ckpt_dir, step);
-            let loaded = checkpoint::load_model(&weights, DType::F32, device)?;
-            let mut opt = AdamW::new(loaded.store.trainable(), cfg.weight_decay, cfg.decay_rule())?;
-            let st = checkpoint::load_tensors(&state, DType::F32, device)?;
-            opt.load_state(&st.tensors, step)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", state.display()))?;
-            eprintln!("resuming from {} (step {step})", weights.display());
-            (loaded.model, loaded.store, opt)
-        }
-        None => {
-            if resuming {
-                eprintln!(
-                    "no checkpoint in {} yet: starting the run over",
-                    ckpt_dir.display()
-                );
-            }
-            let (model, store) = Mae::init(&cfg.model, cfg.seed, DType::F32, device)?;
-            let opt = AdamW::new(store.trainable(), cfg.weight_decay, cfg.decay_rule())?;
-            (model, store, opt)
-        }
-    };
-    let mut model = model;
-    model.set_matmul_dtype(cfg.precision.matmul_dtype());
-    let first = resume_step.unwrap_or(0);
+/// Model, parameters and optimiser state as the checkpoint after `step` stored them.
+fn load_checkpoint(
+    cfg: &TrainConfig,
+    ckpt_dir: &Path,
+    step: u64,
+    device: &Device,
+) -> Result<(Mae, ParamStore, AdamW)> {
+    let (weights, state) = checkpoint_paths(ckpt_dir, step);
+    let loaded = checkpoint::load_model(&weights, DType::F32, device)?;
+    let mut opt = AdamW::new(loaded.store.trainable(), cfg.weight_decay, cfg.decay_rule())?;
+    let st = checkpoint::load_tensors(&state, DType::F32, device)?;
+    opt.load_state(&st.tensors, step)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", state.display()))?;
+    eprintln!("resuming from {} (step {step})", weights.display());
+    Ok((loaded.model, loaded.store, opt))
+}
+
+/// A freshly initialised model (from the run's seed) and optimiser.
+fn init_model(cfg: &TrainConfig, device: &Device) -> Result<(Mae, ParamStore, AdamW)> {
+    let (model, store) = Mae::init(&cfg.model, cfg.seed, DType::F32, device)?;
+    let opt = AdamW::new(store.trainable(), cfg.weight_decay, cfg.decay_rule())?;
+    Ok((model, store, opt))
+}
+
+fn log_schedule(cfg: &TrainConfig, opt: &AdamW) {
     let (decayed, undecayed) = opt.groups();
     eprintln!(
         "optimiser: AdamW betas (0.9, 0.95), weight decay {} on {} tensors, none on {}: {}",
@@ -271,137 +303,166 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
         "schedule: lr {:.3e} = blr {:.3e} x batch {} / 256, {} warmup steps then half-cosine over {} steps",
         cfg.lr, cfg.blr, cfg.batch_size, cfg.warmup_steps, cfg.steps
     );
+}
 
-    // Resuming from a checkpoint keeps the CSV rows up to it; otherwise the files start anew.
-    let keep = resume_step;
-    let mut metrics = Csv::open(
-        &run_dir.join(METRICS_FILE),
-        "step,epoch,lr,loss,images_per_s",
-        keep,
-    )?;
-    let mut fusion = match fusion_row(first, &model)? {
+/// `metrics.csv` and (weighted MFF) `fusion_weights.csv`. Resuming from a checkpoint keeps
+/// their rows up to it; otherwise the files start anew, the fusion log with the initial row.
+fn open_logs(
+    run_dir: &Path,
+    cfg: &TrainConfig,
+    model: &Mae,
+    keep: Option<u64>,
+) -> Result<(CsvLog, Option<CsvLog>)> {
+    let metrics = CsvLog::open(&run_dir.join(METRICS_FILE), &METRICS_HEADER, keep)?;
+    let fusion = match fusion_row(keep.unwrap_or(0), model)? {
         Some(row0) => {
-            let mut csv = Csv::open(&run_dir.join(FUSION_FILE), &fusion_header(&cfg), keep)?;
+            let header = fusion_header(cfg);
+            let header: Vec<&str> = header.iter().map(String::as_str).collect();
+            let mut log = CsvLog::open(&run_dir.join(FUSION_FILE), &header, keep)?;
             if keep.is_none() {
-                csv.row(&row0)?;
+                log.row(&row0)?;
             }
-            Some(csv)
+            Some(log)
         }
         None => None,
     };
+    Ok((metrics, fusion))
+}
 
-    let steps_per_epoch = cfg.steps_per_epoch(dataset.len());
-    let progress = Progress::new(first, cfg.steps);
-    let mut last_good = resume_step.map(|s| checkpoint_paths(&ckpt_dir, s).0);
-    let started = Instant::now();
-    let mut waited = std::time::Duration::ZERO;
-    // Batches are decoded and augmented on a producer thread, PREFETCH steps ahead of the
-    // optimiser. Each batch is a pure function of (seed, step), so this changes no result.
-    std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<f32>>>(PREFETCH);
-        let (ds, c) = (&dataset, &cfg);
-        scope.spawn(move || {
-            for step in first..c.steps {
-                let batch = ds.train_batch(
-                    step,
-                    c.batch_size,
-                    c.model.img_size as u32,
-                    c.augment,
-                    c.seed,
-                );
-                // A closed channel means the loop stopped (an error): nothing more to build.
-                if tx.send(batch).is_err() {
-                    break;
+/// What the step loop updates: model, optimiser, logs and the last checkpoint written.
+struct Loop<'a> {
+    cfg: &'a TrainConfig,
+    device: &'a Device,
+    ckpt_dir: PathBuf,
+    steps_per_epoch: u64,
+    progress: Progress,
+    model: Mae,
+    store: ParamStore,
+    opt: AdamW,
+    metrics: CsvLog,
+    fusion: Option<CsvLog>,
+    last_good: Option<PathBuf>,
+    /// Time the steps spent waiting for their batch (and its copy to the device).
+    waited: std::time::Duration,
+}
+
+impl Loop<'_> {
+    /// Steps `first..cfg.steps`. Batches are decoded and augmented on a producer thread,
+    /// PREFETCH steps ahead of the optimiser. Each batch is a pure function of (seed, step),
+    /// so this changes no result.
+    fn all_steps(&mut self, dataset: &Dataset, first: u64) -> Result<()> {
+        let cfg = self.cfg;
+        std::thread::scope(|scope| -> Result<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<f32>>>(PREFETCH);
+            scope.spawn(move || {
+                for step in first..cfg.steps {
+                    let batch = dataset.train_batch(
+                        step,
+                        cfg.batch_size,
+                        cfg.model.img_size as u32,
+                        cfg.augment,
+                        cfg.seed,
+                    );
+                    // A closed channel means the loop stopped (an error): nothing more to build.
+                    if tx.send(batch).is_err() {
+                        break;
+                    }
                 }
+            });
+            for step in first..cfg.steps {
+                self.step(step, &rx)?;
             }
-        });
+            Ok(())
+        })
+    }
+
+    /// One optimiser step on the batch of `step`, then its log rows and (every save_every
+    /// steps, and at the end) its checkpoint.
+    fn step(&mut self, step: u64, batches: &Receiver<Result<Vec<f32>>>) -> Result<()> {
+        let cfg = self.cfg;
+        let t0 = Instant::now();
+        let lr = schedule::lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr);
+        let data = batches
+            .recv()
+            .context("the data-loading thread stopped unexpectedly")??;
         let s = cfg.model.img_size;
-        for step in first..cfg.steps {
-            let t0 = Instant::now();
-            let lr = schedule::lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr);
-            let data = rx
-                .recv()
-                .context("the data-loading thread stopped unexpectedly")??;
-            let imgs = Tensor::from_vec(data, (cfg.batch_size, 3, s, s), device)?;
-            // Waiting for the batch and copying it to the device (nothing on the CPU).
-            waited += t0.elapsed();
-            let mask = batch_mask(&cfg, step);
-            // Forward and backward (on the CPU in shards, see `step`); nothing is updated yet.
-            let (loss, grads) = step::loss_and_grads(&model, &imgs, &mask)?;
-            if !loss.is_finite() {
-                bail!(
+        let imgs = Tensor::from_vec(data, (cfg.batch_size, 3, s, s), self.device)?;
+        // Waiting for the batch and copying it to the device (nothing on the CPU).
+        self.waited += t0.elapsed();
+        let mask = batch_mask(cfg, step);
+        // Forward and backward (on the CPU in shards, see `step`); nothing is updated yet.
+        let (loss, grads) = step::loss_and_grads(&self.model, &imgs, &mask)?;
+        self.check_finite(step, lr, loss, &grads)?;
+        self.opt.apply(&grads, lr)?;
+        let done = step + 1;
+        let ips = cfg.batch_size as f64 / t0.elapsed().as_secs_f64();
+        let epoch = done as f64 / self.steps_per_epoch as f64;
+        self.metrics.row([
+            done.to_string(),
+            format!("{epoch:.6}"),
+            format!("{lr:.6e}"),
+            format!("{loss:.6}"),
+            format!("{ips:.2}"),
+        ])?;
+        if let (Some(log), Some(row)) = (self.fusion.as_mut(), fusion_row(done, &self.model)?) {
+            log.row(&row)?;
+        }
+        self.progress.update(done, lr, loss, ips);
+        if done.is_multiple_of(cfg.save_every) || done == cfg.steps {
+            let (weights, state) = checkpoint_paths(&self.ckpt_dir, done);
+            save_state(&state, &self.opt, cfg, done)?;
+            checkpoint::save_weights(
+                &weights,
+                &cfg.model,
+                &self.store,
+                checkpoint_metadata(cfg, done)?,
+            )?;
+            self.last_good = Some(weights);
+        }
+        Ok(())
+    }
+
+    /// Stops before the update when the loss (or, in bf16, the gradient norm) is not finite.
+    fn check_finite(
+        &self,
+        step: u64,
+        lr: f64,
+        loss: f64,
+        grads: &candle_core::backprop::GradStore,
+    ) -> Result<()> {
+        let last_good = || {
+            self.last_good
+                .as_ref()
+                .map_or("none (no checkpoint was written yet)".to_string(), |p| {
+                    p.display().to_string()
+                })
+        };
+        if !loss.is_finite() {
+            bail!(
                 "loss is {loss} at step {} (lr {lr:.3e}); stopped before updating the weights. \
                  The last good checkpoint is {}. Lower --blr, lengthen --warmup-steps, or check \
                  the data",
                 step + 1,
-                last_good
-                    .as_ref()
-                    .map_or("none (no checkpoint was written yet)".to_string(), |p| p
-                        .display()
-                        .to_string())
+                last_good()
             );
-            }
-            if cfg.precision != TrainPrecision::F32 {
-                // NaN guard: bf16 has f32's exponent range, so no loss scaling, but a product
-                // that overflows or loses everything must not reach the f32 master weights.
-                let norm = grad_norm(&grads, &opt)?;
-                if !norm.is_finite() {
-                    bail!(
-                        "the gradient norm is {norm} at step {} ({} matmuls, loss {loss}); \
-                         stopped before updating the weights. The last good checkpoint is {}. \
-                         Start again with --precision f32, or lower --blr",
-                        step + 1,
-                        cfg.precision.name(),
-                        last_good
-                            .as_ref()
-                            .map_or("none (no checkpoint was written yet)".to_string(), |p| p
-                                .display()
-                                .to_string())
-                    );
-                }
-            }
-            opt.apply(&grads, lr)?;
-            let done = step + 1;
-            let ips = cfg.batch_size as f64 / t0.elapsed().as_secs_f64();
-            let epoch = done as f64 / steps_per_epoch as f64;
-            metrics.row(&format!("{done},{epoch:.6},{lr:.6e},{loss:.6},{ips:.2}"))?;
-            if let (Some(csv), Some(row)) = (fusion.as_mut(), fusion_row(done, &model)?) {
-                csv.row(&row)?;
-            }
-            progress.update(done, lr, loss, ips);
-            if done % cfg.save_every == 0 || done == cfg.steps {
-                let (weights, state) = checkpoint_paths(&ckpt_dir, done);
-                save_state(&state, &opt, &cfg, done)?;
-                checkpoint::save_weights(
-                    &weights,
-                    &cfg.model,
-                    &store,
-                    checkpoint_metadata(&cfg, done)?,
-                )?;
-                last_good = Some(weights);
+        }
+        if self.cfg.precision != TrainPrecision::F32 {
+            // NaN guard: bf16 has f32's exponent range, so no loss scaling, but a product
+            // that overflows or loses everything must not reach the f32 master weights.
+            let norm = grad_norm(grads, &self.opt)?;
+            if !norm.is_finite() {
+                bail!(
+                    "the gradient norm is {norm} at step {} ({} matmuls, loss {loss}); \
+                     stopped before updating the weights. The last good checkpoint is {}. \
+                     Start again with --precision f32, or lower --blr",
+                    step + 1,
+                    self.cfg.precision.name(),
+                    last_good()
+                );
             }
         }
         Ok(())
-    })?;
-    progress.finish();
-    let total = started.elapsed().as_secs_f64();
-    if total > 0.0 && cfg.steps > first {
-        eprintln!(
-            "data: the steps waited {:.1} s for batches (and their copy to the device), {:.1}% \
-             of {total:.1} s of training",
-            waited.as_secs_f64(),
-            100.0 * waited.as_secs_f64() / total
-        );
     }
-    let final_path = run_dir.join(FINAL_FILE);
-    checkpoint::save_weights(
-        &final_path,
-        &cfg.model,
-        &store,
-        checkpoint_metadata(&cfg, cfg.steps)?,
-    )?;
-    eprintln!("final checkpoint: {}", final_path.display());
-    Ok((final_path, cfg))
 }
 
 /// The L2 norm of the gradients of the optimiser's parameters (non-finite when any entry is).

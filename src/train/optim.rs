@@ -160,34 +160,79 @@ mod tests {
         *p -= lr / bc1 * *m / (v.sqrt() / bc2.sqrt() + eps);
     }
 
+    /// A (2, 3) weight `blk.weight` (decayed) and a bias `blk.bias` (not decayed) in `dtype`.
+    fn weight_and_bias(w0: &[f64; 6], b0: &[f64; 2], dtype: DType) -> BTreeMap<String, Var> {
+        let var = |v: &[f64], shape: &[usize]| {
+            let t = Tensor::new(v, &Device::Cpu)
+                .unwrap()
+                .reshape(shape)
+                .unwrap();
+            Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+        };
+        let mut params = BTreeMap::new();
+        params.insert("blk.weight".to_string(), var(w0, &[2, 3]));
+        params.insert("blk.bias".to_string(), var(b0, &[2]));
+        params
+    }
+
+    /// The gradients of loss = sum(c * p²) with per-element c (a transposed view for the
+    /// weight): 2 c p. Also returns the weight's coefficients in its own (row-major) order.
+    fn quadratic_loss_grads(
+        params: &BTreeMap<String, Var>,
+        c: &[f64],
+        dtype: DType,
+    ) -> (candle_core::backprop::GradStore, Vec<f64>) {
+        let w = params["blk.weight"].as_tensor();
+        let b = params["blk.bias"].as_tensor();
+        let cw = Tensor::new(&c[..6], &Device::Cpu)
+            .unwrap()
+            .reshape((3, 2))
+            .unwrap()
+            .t()
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let cb = Tensor::new(&c[6..], &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let loss = ((w.sqr().unwrap() * &cw).unwrap().sum_all().unwrap()
+            + (b.sqr().unwrap() * &cb).unwrap().sum_all().unwrap())
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        let cs: Vec<f64> = cw
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        (grads, cs)
+    }
+
+    /// Every parameter value, weight then bias, in f64.
+    fn flat_values(params: &BTreeMap<String, Var>) -> Vec<f64> {
+        ["blk.weight", "blk.bias"]
+            .iter()
+            .flat_map(|n| {
+                params[*n]
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            })
+            .collect()
+    }
+
     #[test]
     fn in_place_updates_follow_torch_for_decayed_and_undecayed_tensors() {
         for dtype in [DType::F64, DType::F32] {
             let w0 = [0.5f64, -1.25, 2.0, 0.0, 3.5, -0.75];
             let b0 = [0.1f64, -0.2];
-            let mut params = BTreeMap::new();
-            params.insert(
-                "blk.weight".to_string(),
-                Var::from_tensor(
-                    &Tensor::new(&w0, &Device::Cpu)
-                        .unwrap()
-                        .reshape((2, 3))
-                        .unwrap()
-                        .to_dtype(dtype)
-                        .unwrap(),
-                )
-                .unwrap(),
-            );
-            params.insert(
-                "blk.bias".to_string(),
-                Var::from_tensor(
-                    &Tensor::new(&b0, &Device::Cpu)
-                        .unwrap()
-                        .to_dtype(dtype)
-                        .unwrap(),
-                )
-                .unwrap(),
-            );
+            let params = weight_and_bias(&w0, &b0, dtype);
             let mut opt = AdamW::new(
                 &params,
                 0.05,
@@ -200,34 +245,8 @@ mod tests {
                 w0.iter().chain(&b0).map(|&p| (p, 0.0, 0.0)).collect();
             for t in 1..=3 {
                 let lr = 0.1 / t as f64;
-                // loss = sum(c * p²) with per-element c (a transposed view for the weight):
-                // gradients 2 c p.
                 let c: Vec<f64> = (0..8).map(|i| 0.3 + 0.2 * i as f64).collect();
-                let w = params["blk.weight"].as_tensor();
-                let b = params["blk.bias"].as_tensor();
-                let cw = Tensor::new(&c[..6], &Device::Cpu)
-                    .unwrap()
-                    .reshape((3, 2))
-                    .unwrap()
-                    .t()
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                let cb = Tensor::new(&c[6..], &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                let loss = ((w.sqr().unwrap() * &cw).unwrap().sum_all().unwrap()
-                    + (b.sqr().unwrap() * &cb).unwrap().sum_all().unwrap())
-                .unwrap();
-                let grads = loss.backward().unwrap();
-                let cs: Vec<f64> = cw
-                    .flatten_all()
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let (grads, cs) = quadratic_loss_grads(&params, &c, dtype);
                 for (i, e) in expect.iter_mut().enumerate() {
                     let (ci, wd) = if i < 6 { (cs[i], 0.05) } else { (c[i], 0.0) };
                     let g = 2.0 * ci * e.0;
@@ -235,19 +254,7 @@ mod tests {
                 }
                 opt.apply(&grads, lr).unwrap();
             }
-            let got: Vec<f64> = ["blk.weight", "blk.bias"]
-                .iter()
-                .flat_map(|n| {
-                    params[*n]
-                        .as_tensor()
-                        .flatten_all()
-                        .unwrap()
-                        .to_dtype(DType::F64)
-                        .unwrap()
-                        .to_vec1::<f64>()
-                        .unwrap()
-                })
-                .collect();
+            let got = flat_values(&params);
             let tol = if dtype == DType::F64 { 1e-13 } else { 1e-6 };
             for (i, (g, e)) in got.iter().zip(&expect).enumerate() {
                 assert!(
