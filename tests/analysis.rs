@@ -11,6 +11,7 @@ use mimscope::analysis::hvp::{HvpMethod, Objective};
 use mimscope::analysis::spectrum::{delta_log_amplitude, Accumulator};
 use mimscope::checkpoint::load_model;
 use mimscope::commands::spectrum::model_curves;
+use mimscope::compare::Diff;
 use mimscope::config::ModelConfig;
 use mimscope::kernels::second_order::with_second_order;
 use mimscope::model::params::DecayRule;
@@ -65,13 +66,9 @@ fn golden_hvp(
     (v, hv)
 }
 
+/// max |a - e| / max |e| ([`Diff::max_rel`]; NaN when either side has one).
 fn max_rel(a: &[f64], e: &[f64]) -> f64 {
-    let scale = e.iter().map(|x| x.abs()).fold(0.0, f64::max);
-    a.iter()
-        .zip(e)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-        / scale
+    Diff::between(a, e).max_rel
 }
 
 #[test]

@@ -80,19 +80,11 @@ fn add_grads(mut acc: GradStore, other: GradStore) -> Result<GradStore> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compare::Diff;
     use crate::kernels::CPU_SHARDS;
 
     use crate::model::ParamStore;
     use candle_core::Device;
-
-    fn max_abs(t: &Tensor) -> f64 {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// Loss and gradients of the batch run whole, as one graph.
     fn unsplit(model: &Mae, imgs: &Tensor, mask: &Mask) -> (f64, GradStore) {
@@ -135,10 +127,13 @@ mod tests {
             let g = grads
                 .get(var.as_tensor())
                 .expect("sharded gradient missing");
-            let (scale, err) = (max_abs(w), max_abs(&(g - w).unwrap()));
+            // max |g - w| <= 1e-12 max |w|.
+            let d = Diff::tensors(g, w).unwrap();
             assert!(
-                err <= 1e-12 * scale.max(1e-300),
-                "{name}: |diff| {err}, scale {scale}"
+                d.max_rel <= 1e-12,
+                "{name}: |diff| {}, relative {}",
+                d.max_abs,
+                d.max_rel
             );
             checked += 1;
         }
