@@ -6,5 +6,6 @@ mod analysis;
 mod cli;
 mod gradcheck;
 mod invariants;
+mod layers;
 mod parity;
 mod pth;
