@@ -115,11 +115,16 @@ step ck 300 "$binary" train --preset tiny --model mff --steps 20 --batch-size 32
   --device cpu --out "$work/ck"
 check ck "a 20-step CPU run gives the checkpoint under test"
 ck="$work/ck/final.safetensors"
-for p in "trained f32:--checkpoint $ck --precision f32" "init f32:--precision f32" \
+# The first run also checks every kernel on its own (--kernels: forward and gradients in f32,
+# second derivatives in f64, against the primitive forms on the CPU), so a wrong kernel is named.
+for p in "trained f32:--checkpoint $ck --precision f32 --kernels" "init f32:--precision f32" \
          "init bf16:--precision bf16" "trained bf16:--checkpoint $ck --precision bf16"; do
   name="parity_$(echo "${p%%:*}" | tr ' ' '_')"
   step "$name" 300 "$binary" parity ${p#*:} --device "$device"
   check "$name" "parity, ${p%%:*} weights: $(grep -E '^(loss_rel|features_rel_max|gradients_rel|gradient_tensor_rel_max)=' "$work/$name.out" | tr '\n' ';' | sed 's/;$//; s/;/; /g')"
+  if grep -q '^kernel_' "$work/$name.out"; then
+    say "kernels (worst of value and gradients; H v in f64): $(grep -E '^kernel_' "$work/$name.out" | sed 's/ (tolerance.*//' | tr '\n' ';' | sed 's/;$//; s/;/; /g')"
+  fi
 done
 
 say ""

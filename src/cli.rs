@@ -283,6 +283,11 @@ pub struct ParityArgs {
     /// Arithmetic on the device (the CPU reference is always f32).
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: TrainPrecision,
+    /// First every kernel on its own, as the model calls it on the device, against its
+    /// primitive form on the CPU: value and gradients in f32, second derivatives (H v) in
+    /// f64; so a wrong kernel is named by itself, before the whole model is compared.
+    #[arg(long)]
+    pub kernels: bool,
     /// The device compared with the CPU.
     #[command(flatten)]
     pub device: DeviceArgs,

@@ -1092,7 +1092,7 @@ fn bench_reports_speed_flops_memory_and_hvp_cost() {
 
 #[test]
 fn parity_of_the_cpu_with_itself_and_with_bf16() {
-    let out = ok(&["parity", "--batch-size", "4"]);
+    let out = ok(&["parity", "--batch-size", "4", "--kernels"]);
     let k = keys(&out);
     assert_eq!(k["parity"], "pass");
     assert!(k["loss_rel"].starts_with("0.000e0"), "{k:?}");
@@ -1104,8 +1104,14 @@ fn parity_of_the_cpu_with_itself_and_with_bf16() {
         .filter(|(name, _)| name.starts_with("kernel_"))
         .map(|(_, v)| v.split(' ').next().unwrap().parse().unwrap())
         .collect();
-    assert_eq!(kernels.len(), 12, "{k:?}");
+    assert_eq!(kernels.len(), 12 + 6, "{k:?}");
     assert!(kernels.iter().all(|&e| e > 0.0 && e < 1e-5), "{kernels:?}");
+    // The second derivatives among them, in f64.
+    let hvp = k.keys().filter(|n| n.starts_with("kernel_hvp_")).count();
+    assert_eq!(hvp, 6, "{k:?}");
+    // Without --kernels, the whole model only.
+    let k = keys(&ok(&["parity", "--batch-size", "4"]));
+    assert!(!k.keys().any(|n| n.starts_with("kernel_")), "{k:?}");
     // bf16 products: a real, small difference, within the stated tolerances.
     let out = ok(&[
         "parity",

@@ -8,9 +8,10 @@
 //! stated in [`Tolerances::for_precision`] and printed with the results; any excess is a
 //! [`Problem`] (exit status 1).
 //!
-//! Then every kernel on its own ([`crate::kernels::check::all`]): the op as the model calls it
-//! on the device, value and input gradients, against its primitive form on the CPU, so a wrong
-//! kernel is named by itself and not only through the model's error.
+//! With `--kernels`, first every kernel on its own ([`crate::kernels::check`]): the op as the
+//! model calls it on the device, value and input gradients in f32 and second derivatives in
+//! f64, against its primitive form on the CPU, so a wrong kernel is named by itself and not
+//! only through the model's error.
 
 use std::collections::BTreeMap;
 
@@ -35,9 +36,11 @@ pub struct Tolerances {
     pub gradients: f64,
     /// Worst single parameter's gradient.
     pub gradient_tensor: f64,
-    /// Worst kernel case, value or gradient, as max |a - e| / max |e|
+    /// `--kernels`: worst kernel case, value or gradient, as max |a - e| / max |e|
     /// ([`crate::kernels::check::all`], always f32).
     pub kernel: f64,
+    /// `--kernels`: worst second derivative (H v) of a kernel case, in f64.
+    pub kernel_hvp: f64,
 }
 
 impl Tolerances {
@@ -59,6 +62,7 @@ impl Tolerances {
                 gradients: 1e-4,
                 gradient_tensor: 1e-3,
                 kernel: KERNEL_F32,
+                kernel_hvp: KERNEL_HVP_F64,
             },
             TrainPrecision::Bf16 => Tolerances {
                 loss: 5e-3,
@@ -66,6 +70,7 @@ impl Tolerances {
                 gradients: 2e-1,
                 gradient_tensor: 5e-1,
                 kernel: KERNEL_F32,
+                kernel_hvp: KERNEL_HVP_F64,
             },
         }
     }
@@ -75,6 +80,11 @@ impl Tolerances {
 /// another order, a few ulp on values of order 10 (the CPU's fused kernels against the
 /// primitive forms stay under 2e-5, their unit tests' bound); a wrong kernel is off by O(1).
 const KERNEL_F32: f64 = 1e-4;
+
+/// Second derivatives of the kernels in f64: the CPU's fused kernels against the primitive
+/// forms stay under 1e-11 (their unit test's bound); a wrong second-order backward is off by
+/// O(1).
+const KERNEL_HVP_F64: f64 = 1e-9;
 
 /// One side's results, on the host in f64.
 struct Side {
@@ -272,21 +282,47 @@ pub fn compare(args: &ParityArgs, device: &Device) -> Result<Report> {
     )?;
     let errors = Errors::between(&a, &b)?;
     let tol = Tolerances::for_precision(args.precision);
-    let kernels = crate::kernels::check::all(device, DType::F32)?;
-    let mut lines = report_lines(args, device, &a, &b, &errors, &tol);
-    let mut failures = errors.failures(&tol);
-    for k in &kernels {
-        let name = format!("kernel_{}_{}", k.op.replace(' ', "_"), dims_name(&k.dims));
-        lines.push(format!(
-            "{name}_rel={:.3e} (tolerance {:.0e})",
-            k.worst(),
-            tol.kernel
-        ));
-        if k.worst().is_nan() || k.worst() > tol.kernel {
-            failures.push(format!("{name} off by {:.3e}", k.worst()));
-        }
+    let (mut lines, mut failures) = (Vec::new(), Vec::new());
+    if args.kernels {
+        kernel_checks(device, &tol, &mut lines, &mut failures)?;
     }
+    lines.extend(report_lines(args, device, &a, &b, &errors, &tol));
+    failures.extend(errors.failures(&tol));
     Ok(Report { lines, failures })
+}
+
+/// `--kernels`: every kernel on `device` against its primitive form on the CPU, a line each
+/// (`kernel_<op>_<dims>_rel=`, `kernel_hvp_<op>_rel=`), and a failure for each case over its
+/// tolerance (NaN included).
+fn kernel_checks(
+    device: &Device,
+    tol: &Tolerances,
+    lines: &mut Vec<String>,
+    failures: &mut Vec<String>,
+) -> Result<()> {
+    let mut add = |name: String, worst: f64, limit: f64| {
+        lines.push(format!("{name}_rel={worst:.3e} (tolerance {limit:.0e})"));
+        if worst.is_nan() || worst > limit {
+            failures.push(format!("{name} off by {worst:.3e}"));
+        }
+    };
+    for k in crate::kernels::check::all(device, DType::F32)? {
+        let name = format!("kernel_{}_{}", k.op.replace(' ', "_"), dims_name(&k.dims));
+        add(name, k.worst(), tol.kernel);
+    }
+    for (op, diffs) in crate::kernels::check::second_order_all(device, DType::F64)? {
+        let worst =
+            diffs
+                .iter()
+                .map(|d| d.max_rel)
+                .fold(0.0, |m: f64, e| if e.is_nan() { e } else { m.max(e) });
+        add(
+            format!("kernel_hvp_{}", op.replace([' ', '-'], "_")),
+            worst,
+            tol.kernel_hvp,
+        );
+    }
+    Ok(())
 }
 
 /// `4x33x192` for dims [4, 33, 192].

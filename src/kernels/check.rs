@@ -197,6 +197,118 @@ pub fn all(device: &Device, dtype: DType) -> Result<Vec<OpCheck>> {
     Ok(out)
 }
 
+/// An op of three inputs that can run on the second-order thread (a plain function).
+pub type SendOp = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+
+/// x w + b, w and b broadcast along the last dimension: ops of one input take it, so that a
+/// second derivative reaches all three inputs.
+pub fn affine(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// The shapes of a second-order case: x, w (b is w's first dimension) and the output.
+pub type SecondOrderDims = (&'static [usize], &'static [usize], &'static [usize]);
+
+/// Every kernel's second-order case: the op as the model calls it, its primitive form (the
+/// reference), and the shapes. Linear and layer norm are the fused ops with backward passes
+/// built from candle's ops; softmax, GELU and the attention core the fused ops with recorded
+/// backward ops.
+pub fn second_order_cases() -> [(&'static str, SendOp, SendOp, SecondOrderDims); 6] {
+    use super::primitive as p;
+    [
+        (
+            "linear",
+            |x, w, b| super::linear(x, w, b, None),
+            |x, w, b| p::linear(x, w, b, None),
+            (&[2, 5, 4], &[3, 4], &[2, 5, 3]),
+        ),
+        (
+            "layer norm",
+            |x, w, b| super::layer_norm(x, w, b, 1e-6),
+            |x, w, b| p::layer_norm(x, w, b, 1e-6),
+            (&[2, 5, 6], &[6], &[2, 5, 6]),
+        ),
+        (
+            "softmax",
+            |x, w, b| super::softmax_last_dim(&affine(x, w, b)?),
+            |x, w, b| p::softmax_last_dim(&affine(x, w, b)?),
+            (&[2, 5, 6], &[6], &[2, 5, 6]),
+        ),
+        (
+            "GELU",
+            |x, w, b| super::gelu(&affine(x, w, b)?),
+            |x, w, b| gelu_from_erf(&affine(x, w, b)?),
+            (&[3, 7], &[7], &[3, 7]),
+        ),
+        (
+            "self-attention",
+            |x, w, b| super::attention(&affine(x, w, b)?, 2, 5, 3f64.powf(-0.5), None),
+            |x, w, b| attention_reference(&affine(x, w, b)?, 2, 5),
+            (&[2, 5, 18], &[18], &[2, 5, 6]),
+        ),
+        (
+            "attention of the last 4 of 12 tokens",
+            |x, w, b| super::attention(&affine(x, w, b)?, 2, 4, 8f64.powf(-0.5), None),
+            |x, w, b| attention_reference(&affine(x, w, b)?, 2, 4),
+            (&[2, 12, 48], &[48], &[2, 4, 16]),
+        ),
+    ]
+}
+
+/// H v of L = Σ r ⊙ y ⊙ y, y = op(x, w, b), with respect to (x, w, b), by double backward
+/// inside [`with_second_order`](super::second_order::with_second_order), on `device` in
+/// `dtype`, the inputs seeded 70-73 and v 80-82; returned on the CPU.
+pub fn hvp_through(
+    op: SendOp,
+    (x_dims, w_dims, y_dims): SecondOrderDims,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<[Tensor; 3]> {
+    let device = device.clone();
+    super::second_order::with_second_order(move || {
+        let x = Var::from_tensor(&seeded(x_dims, 70, dtype, &device)?)?;
+        let w = Var::from_tensor(&seeded(w_dims, 71, dtype, &device)?)?;
+        let b = Var::from_tensor(&seeded(&w_dims[..1], 72, dtype, &device)?)?;
+        let r = seeded(y_dims, 73, dtype, &device)?;
+        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let y = op(xt, wt, bt)?;
+        let g = (&y * &y)?.mul(&r)?.sum_all()?.backward()?;
+        let mut gv = Tensor::zeros((), dtype, &device)?;
+        for (i, t) in [xt, wt, bt].into_iter().enumerate() {
+            let v = seeded(t.dims(), 80 + i as u64, dtype, &device)?;
+            let gt = g
+                .get(t)
+                .ok_or_else(|| anyhow::anyhow!("no gradient for an input"))?;
+            gv = (gv + (gt * v)?.sum_all()?)?;
+        }
+        let h = gv.backward()?;
+        let mut out = Vec::with_capacity(3);
+        for t in [xt, wt, bt] {
+            let ht = h
+                .get(t)
+                .ok_or_else(|| anyhow::anyhow!("no second derivative for an input"))?;
+            out.push(ht.to_device(&Device::Cpu)?);
+        }
+        Ok([out[0].clone(), out[1].clone(), out[2].clone()])
+    })
+}
+
+/// Every kernel's H v on `device` in `dtype` against its primitive form's on the CPU in the
+/// same dtype: per case, the (H v)_x, (H v)_w and (H v)_b differences.
+pub fn second_order_all(
+    device: &Device,
+    dtype: DType,
+) -> anyhow::Result<Vec<(&'static str, [Diff; 3])>> {
+    let mut out = Vec::new();
+    for (name, op, reference, dims) in second_order_cases() {
+        let a = hvp_through(op, dims, dtype, device)?;
+        let b = hvp_through(reference, dims, dtype, &Device::Cpu)?;
+        let d = |i: usize| Diff::tensors(&a[i], &b[i]);
+        out.push((name, [d(0)?, d(1)?, d(2)?]));
+    }
+    Ok(out)
+}
+
 /// The tests' inputs: [`seeded`] on the CPU.
 #[cfg(test)]
 pub(crate) fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {

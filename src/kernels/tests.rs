@@ -1,12 +1,10 @@
 //! Across the kernels: the f32 math functions against f64, and second derivatives through
 //! every fused op (their recorded backward ops) against the primitive forms.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device};
 
-use super::check::{attention_reference, gelu_from_erf, randn, rel_err};
+use super::check::{hvp_through, rel_err, second_order_all, second_order_cases};
 use super::cpu::{exp_nonpositive_f32, Float};
-use super::primitive;
-use super::second_order::with_second_order;
 
 #[test]
 fn f32_exp_and_normal_functions_are_within_rounding_of_f64() {
@@ -39,87 +37,20 @@ fn f32_exp_and_normal_functions_are_within_rounding_of_f64() {
     assert!(f32::NAN.gelu().is_nan() && f32::NAN.gelu_grad().is_nan());
 }
 
-/// x w + b, w and b broadcast along the last dimension.
-fn affine(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    x.broadcast_mul(w)?.broadcast_add(b)
-}
-
-/// H v of L = Σ r ⊙ y ⊙ y, y = op(x, w, b), with respect to (x, w, b), by double backward
-/// on the second-order thread, through `op`'s form there and through `reference`.
-fn hvp_through(
-    op: fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
-    (x_dims, w_dims, y_dims): (&'static [usize], &'static [usize], &'static [usize]),
-) -> [Tensor; 3] {
-    with_second_order(move || {
-        let x = Var::from_tensor(&randn(x_dims, 70, DType::F64))?;
-        let w = Var::from_tensor(&randn(w_dims, 71, DType::F64))?;
-        let b = Var::from_tensor(&randn(&w_dims[..1], 72, DType::F64))?;
-        let r = randn(y_dims, 73, DType::F64);
-        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
-        let y = op(xt, wt, bt)?;
-        let g = (&y * &y)?.mul(&r)?.sum_all()?.backward()?;
-        let mut gv = Tensor::new(0.0f64, &Device::Cpu)?;
-        for (i, t) in [xt, wt, bt].into_iter().enumerate() {
-            let v = randn(t.dims(), 80 + i as u64, DType::F64);
-            gv = (gv + (g.get(t).unwrap() * v)?.sum_all()?)?;
-        }
-        let h = gv.backward()?;
-        Ok([xt, wt, bt].map(|t| h.get(t).unwrap().clone()))
-    })
-    .unwrap()
-}
-
 #[test]
 fn second_derivatives_through_the_fused_ops_match_the_primitive_forms() {
-    // On the second-order thread ops::linear and ops::layer_norm are the fused ops with
-    // backward passes built from candle's ops; ops::softmax_last_dim, ops::gelu and the
-    // attention core the fused ops with recorded backward ops; the primitive forms are the
-    // reference. The ops of one input take x w + b (elementwise) so that all three inputs
-    // are reached.
-    type Op = fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>;
-    let cases: [(&str, Op, Op, _); 6] = [
-        (
-            "linear",
-            |x, w, b| super::linear(x, w, b, None),
-            |x, w, b| primitive::linear(x, w, b, None),
-            (&[2usize, 5, 4][..], &[3usize, 4][..], &[2usize, 5, 3][..]),
-        ),
-        (
-            "layer norm",
-            |x, w, b| super::layer_norm(x, w, b, 1e-6),
-            |x, w, b| primitive::layer_norm(x, w, b, 1e-6),
-            (&[2, 5, 6][..], &[6][..], &[2, 5, 6][..]),
-        ),
-        (
-            "softmax",
-            |x, w, b| super::softmax_last_dim(&affine(x, w, b)?),
-            |x, w, b| primitive::softmax_last_dim(&affine(x, w, b)?),
-            (&[2, 5, 6][..], &[6][..], &[2, 5, 6][..]),
-        ),
-        (
-            "GELU",
-            |x, w, b| super::gelu(&affine(x, w, b)?),
-            |x, w, b| gelu_from_erf(&affine(x, w, b)?),
-            (&[3, 7][..], &[7][..], &[3, 7][..]),
-        ),
-        (
-            "self-attention",
-            |x, w, b| super::attention(&affine(x, w, b)?, 2, 5, 3f64.powf(-0.5), None),
-            |x, w, b| attention_reference(&affine(x, w, b)?, 2, 5),
-            (&[2, 5, 18][..], &[18][..], &[2, 5, 6][..]),
-        ),
-        (
-            "attention of the last 4 of 12 tokens",
-            |x, w, b| super::attention(&affine(x, w, b)?, 2, 4, 8f64.powf(-0.5), None),
-            |x, w, b| attention_reference(&affine(x, w, b)?, 2, 4),
-            (&[2, 12, 48][..], &[48][..], &[2, 4, 16][..]),
-        ),
-    ];
-    for (name, op, reference, dims) in cases {
-        let (a, b) = (hvp_through(op, dims), hvp_through(reference, dims));
+    // On the second-order thread, the op as the model calls it against its primitive form
+    // (the cases: check::second_order_cases), in f64 on the CPU.
+    for (name, op, reference, dims) in second_order_cases() {
+        let a = hvp_through(op, dims, DType::F64, &Device::Cpu).unwrap();
+        let b = hvp_through(reference, dims, DType::F64, &Device::Cpu).unwrap();
         for (what, (a, b)) in ["x", "w", "b"].iter().zip(a.iter().zip(&b)) {
             let e = rel_err(a, b);
             assert!(e < 1e-11, "{name}: (H v)_{what} off by {e:e}");
         }
     }
+    // And the same through second_order_all, as parity runs it on a device.
+    let all = second_order_all(&Device::Cpu, DType::F64).unwrap();
+    assert_eq!(all.len(), 6);
+    assert!(all.iter().all(|(_, d)| d.iter().all(|d| d.max_rel < 1e-11)));
 }
