@@ -175,7 +175,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 50)]
     pub save_every: u64,
     /// Run folder (must be new or empty).
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long, required_unless_present_any = ["resume", "print_config"])]
     pub out: Option<PathBuf>,
     /// Continue the run in this folder from its newest checkpoint, with its saved config
     /// (only --device may be given with it).

@@ -292,6 +292,25 @@ impl ModelConfig {
         if !(c.mlp_ratio.is_finite() && c.mlp_ratio > 0.0) {
             bail!("config: mlp_ratio must be positive, got {}", c.mlp_ratio);
         }
+        // The derived widths need the same care as the flags: a ratio that rounds a hidden
+        // layer to no unit would reach the kernels as an empty matrix.
+        for (name, width, hidden) in [
+            ("embed_dim", c.embed_dim, c.mlp_hidden()),
+            (
+                "decoder_embed_dim",
+                c.decoder_embed_dim,
+                c.decoder_mlp_hidden(),
+            ),
+        ] {
+            if hidden == 0 {
+                bail!(
+                    "config: mlp_ratio {} gives an MLP hidden width of 0 for {name} {width}: \
+                     raise --mlp-ratio to at least {}",
+                    c.mlp_ratio,
+                    1.0 / width as f64
+                );
+            }
+        }
         if c.fuse_layers.windows(2).any(|w| w[0] >= w[1]) {
             bail!(
                 "config: fuse_layers {:?} must be strictly increasing (mmpretrain pairs the k-th \

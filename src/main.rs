@@ -45,7 +45,7 @@ fn main() -> ExitCode {
     // for usage errors, 0 for --help and --version.
     let result = run();
     if let Err(e) = &result {
-        eprintln!("error: {e:#}");
+        mimscope::note!("error: {e:#}");
     }
     ExitCode::from(mimscope::commands::exit_status(&result))
 }

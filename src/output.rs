@@ -9,6 +9,38 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
+/// Writes a line to standard output. A closed or full stdout (`mimscope ... | head -3`,
+/// `> /dev/full`) loses the output, never the work: the error is dropped here, where
+/// `println!` would panic and end the run before its next checkpoint.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::output::write_stream(&mut ::std::io::stdout(), format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// [`say!`] without the line break.
+#[macro_export]
+macro_rules! say_text {
+    ($($arg:tt)*) => {
+        $crate::output::write_stream(&mut ::std::io::stdout(), format_args!($($arg)*))
+    };
+}
+
+/// Writes a line to standard error, as [`say!`] does to stdout (a closed or full stderr,
+/// `2>&1 | head -3` or `2>/dev/full`, loses the line, never the work).
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {
+        $crate::output::write_stream(&mut ::std::io::stderr(), format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// Writes `args` to `stream` and flushes it, dropping any error (see [`say!`]).
+pub fn write_stream(stream: &mut impl Write, args: std::fmt::Arguments) {
+    let _ = stream.write_fmt(args).and_then(|()| stream.flush());
+}
+
 /// Writes `bytes` to `path` atomically: temporary file in the same folder, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path

@@ -1088,6 +1088,9 @@ fn bench_reports_speed_flops_memory_and_hvp_cost() {
     assert!(err.contains("nothing"), "{err}");
     let err = fails(&["bench", "--mask-ratio", "1"]);
     assert!(err.contains("--mask-ratio"), "{err}");
+    // bf16 is for GPUs, as in `train`.
+    let err = fails(&["bench", "--precision", "bf16"]);
+    assert!(err.contains("--precision bf16 is for GPUs"), "{err}");
 }
 
 #[test]
@@ -1203,4 +1206,68 @@ fn gpu_scripts_are_valid_bash_with_help() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("build-cuda.sh"));
+}
+
+/// A closed or full output stream loses that output, never the work (`mimscope train ... 2>&1
+/// | head -3`, `2>/dev/full`): the run goes on, saves and ends normally.
+#[test]
+fn closed_or_full_output_streams_do_not_stop_the_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data_dir(tmp.path());
+    let out = tmp.path().join("run");
+    let args = train_args(s(&data), s(&out), &["--steps", "3", "--save-every", "3"]);
+    // Both pipes closed before the run writes anything: every write fails with EPIPE.
+    let mut child = bin()
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "train with closed pipes: {status:?}");
+    assert!(out.join("final.safetensors").exists());
+    assert!(out.join("reconstruction").join("losses.csv").exists());
+    // A full stdout and stderr (/dev/full: every write fails with ENOSPC).
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        return; // not on this system
+    };
+    let ck = out.join("final.safetensors");
+    let status = bin()
+        .args(["inspect", s(&ck)])
+        .stdout(full.try_clone().unwrap())
+        .stderr(full)
+        .status()
+        .unwrap();
+    assert!(status.success(), "inspect into /dev/full: {status:?}");
+}
+
+/// A flag value that passes its own check but gives a derived size of 0 (MLP hidden width
+/// 32 x 0.001 = 0) is an error naming the flag, not a panic in a kernel.
+#[test]
+fn a_derived_width_of_zero_is_an_error_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data_dir(tmp.path());
+    let out = tmp.path().join("run");
+    let args = train_args(s(&data), s(&out), &["--steps", "1", "--mlp-ratio", "0.001"]);
+    let result = run(&args);
+    assert_eq!(result.status.code(), Some(2), "{result:?}");
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        err.contains("--mlp-ratio") && err.contains("hidden width of 0"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `--print-config` shows the resolved config without needing a run folder.
+#[test]
+fn print_config_needs_no_run_folder() {
+    let out = ok(&["train", "--print-config", "--steps", "7"]);
+    let cfg: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cfg["steps"], 7, "{cfg}");
+    // Training itself still needs one.
+    let err = fails(&["train", "--steps", "7"]);
+    assert!(err.contains("--out"), "{err}");
 }

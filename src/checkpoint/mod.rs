@@ -138,10 +138,10 @@ fn import_noting(
 ) -> Result<Imported> {
     let imported = import::import(path, overrides, dtype, device)?;
     for note in &imported.notes {
-        eprintln!("note: {note}");
+        crate::note!("note: {note}");
     }
     if imported.inferred.is_some() {
-        eprintln!(
+        crate::note!(
             "note: {} stores no mimscope config; inferred {}",
             path.display(),
             imported.cfg.to_json()?
@@ -192,7 +192,7 @@ pub fn load_encoder(
     let mut imported = import_noting(path, overrides, dtype, device)?;
     let encoder_only = imported.encoder_only;
     if encoder_only {
-        eprintln!(
+        crate::note!(
             "note: {} holds the encoder only; its decoder is zero placeholders, never run",
             path.display()
         );

@@ -161,6 +161,14 @@ pub fn run(s: &BenchSettings, device: &Device) -> Result<Vec<String>> {
         s.batch > 0 && s.iters > 0 && s.hvp_batch > 0,
         "--batch-size, --iters and --hvp-batch must be positive"
     );
+    // As `train`: bf16 mixed precision is for GPUs (a CPU would time an emulation that no
+    // training run uses).
+    ensure!(
+        s.precision == TrainPrecision::F32 || !device.is_cpu(),
+        "--precision {} is for GPUs (--device cuda:N); on a CPU, training runs in f32 (drop \
+         --precision)",
+        s.precision.name()
+    );
     let cfg = &s.cfg;
     check_ratio(cfg.num_patches(), s.mask_ratio).map_err(anyhow::Error::msg)?;
     let mut out = header_lines(s, device);

@@ -183,7 +183,7 @@ pub fn run(s: &HessianSettings, device: &Device) -> Result<HessianReport> {
     } else {
         "pre-training loss on a fixed batch and mask, no weight decay".to_string()
     };
-    eprintln!(
+    crate::note!(
         "hessian: {} batches of {} images (mask ratio {}), top {} eigenvalues, Hessian-vector \
          products: {}; objective: {objective}",
         s.batches,
@@ -258,7 +258,7 @@ fn analyse_checkpoint(
             let (tr, se) = hutchinson_trace(obj.len(), s.trace_samples, &mut rng, |v| {
                 obj.hvp(v, s.method)
             })?;
-            eprintln!("hessian: {label} batch {k} trace {tr:.4} ± {se:.4}");
+            crate::note!("hessian: {label} batch {k} trace {tr:.4} ± {se:.4}");
             report.traces.push((label.to_string(), k, tr, se));
         }
     }
@@ -305,7 +305,7 @@ fn measure_cost(obj: &Objective, method: HvpMethod, label: &str) -> Result<Cost>
     let t = Instant::now();
     obj.hvp(&probe, method)?;
     let hvp_s = t.elapsed().as_secs_f64();
-    eprintln!(
+    crate::note!(
         "hessian: {label}: {} parameters; one gradient {grad_s:.2} s, one Hessian-vector \
          product {hvp_s:.2} s = {:.1} gradients (the first {first_s:.2} s)",
         obj.len(),
@@ -333,7 +333,7 @@ fn top_eigenvalues(
     })?;
     let mut rows = Vec::new();
     for (r, e) in eig.iter().enumerate() {
-        eprintln!(
+        crate::note!(
             "hessian: {label} batch {k} rank {}: {:.6} ({} products{})",
             r + 1,
             e.value,
@@ -463,7 +463,7 @@ fn write_outputs(
         &EigenDistribution { series: &series },
         &out.join("eigenvalues"),
     )?;
-    eprintln!(
+    crate::note!(
         "hessian: wrote hessian.csv, batches.safetensors and figures to {}",
         out.display()
     );

@@ -57,11 +57,11 @@ fn run_command(command: Command) -> Result<()> {
         Command::Train(args) => train::run(&args),
         Command::Reconstruct(a) => reconstruct::run(&(&a).into(), &a.device.device()?),
         Command::Inspect { checkpoint, arch } => {
-            print!("{}", inspect::run_with(&checkpoint, &arch.overrides())?);
+            crate::say_text!("{}", inspect::run_with(&checkpoint, &arch.overrides())?);
             Ok(())
         }
         Command::Convert(a) => {
-            print!(
+            crate::say_text!(
                 "{}",
                 convert::run(&a.input, &a.output, &a.arch.overrides())?
             );
@@ -70,7 +70,7 @@ fn run_command(command: Command) -> Result<()> {
         Command::Bench(a) => {
             let device = a.device.device()?;
             for line in bench::run(&a.settings(), &device)? {
-                println!("{line}");
+                crate::say!("{line}");
             }
             Ok(())
         }
@@ -83,7 +83,7 @@ fn run_command(command: Command) -> Result<()> {
                 csv: a.csv,
                 overrides: a.arch.overrides(),
             };
-            print!("{}", fusion::run(&s)?);
+            crate::say_text!("{}", fusion::run(&s)?);
             Ok(())
         }
         Command::Hessian(a) => hessian::run(&a.settings(), &a.device.device()?).map(|_| ()),

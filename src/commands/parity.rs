@@ -383,13 +383,13 @@ pub fn run(args: &ParityArgs) -> Result<()> {
     let device = args.device.device()?;
     let report = compare(args, &device)?;
     for l in &report.lines {
-        println!("{l}");
+        crate::say!("{l}");
     }
     if report.failures.is_empty() {
-        println!("parity=pass");
+        crate::say!("parity=pass");
         Ok(())
     } else {
-        println!("parity=fail");
+        crate::say!("parity=fail");
         Err(Problem(format!(
             "{} disagrees with the CPU beyond the tolerances: {}",
             super::bench::describe(&device),

@@ -105,7 +105,7 @@ pub fn run(path: &Path) -> Result<()> {
         })
         .collect::<Result<Vec<Command>>>()?;
     for (i, (command, args)) in commands.into_iter().zip(&steps).enumerate() {
-        eprintln!("== step {}/{}: {}", i + 1, steps.len(), args[1..].join(" "));
+        crate::note!("== step {}/{}: {}", i + 1, steps.len(), args[1..].join(" "));
         match command {
             Command::Train(t) => super::train_or_continue(&t),
             other => super::execute(other),

@@ -222,7 +222,7 @@ pub fn run(args: &ReconstructArgs, device: &Device) -> Result<()> {
         .with_context(|| format!("running {} on {n} images", args.checkpoint.display()))?;
 
     write_outputs(args, &rec, &ds.paths()[..n], cfg)?;
-    println!(
+    crate::say!(
         "reconstructed {n} images (shorter side resized to {s} px with bicubic Catmull-Rom, \
          centre-cropped; mask ratio {}, loss {:.6}) into {}",
         args.mask_ratio,

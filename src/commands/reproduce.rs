@@ -60,7 +60,7 @@ pub struct Outcome {
 }
 
 fn parse(args: &[String]) -> Result<Command> {
-    eprintln!("\n== {}", args[1..].join(" "));
+    crate::note!("\n== {}", args[1..].join(" "));
     super::parse_command_line(args)
 }
 
@@ -95,8 +95,8 @@ pub fn run(args: &ReproduceArgs) -> Result<Outcome> {
         .push(("total".to_string(), started.elapsed().as_secs_f64()));
     let report = report(args, &st.plan, &outcome, &st.timings);
     write_atomic(&out.join("report.md"), report.as_bytes())?;
-    eprintln!("\n{report}");
-    eprintln!("report: {}", out.join("report.md").display());
+    crate::note!("\n{report}");
+    crate::note!("report: {}", out.join("report.md").display());
     Ok(outcome)
 }
 

@@ -101,7 +101,7 @@ pub fn run(s: &SpectrumSettings, device: &Device) -> Result<Vec<Curve>> {
                 e.insert(Tensor::from_vec(data, (n, 3, size, size), device)?)
             }
         };
-        eprintln!(
+        crate::note!(
             "spectrum: {label} ({}) on {} images of {size}px",
             path.display(),
             imgs.dim(0)?
@@ -121,7 +121,7 @@ pub fn write_outputs(out: &Path, curves: &[Curve]) -> Result<()> {
     write_atomic(&out.join("depth.csv"), depth_csv(curves)?.as_bytes())?;
     save(&SpectrumPanels { curves }, &out.join("spectrum"))?;
     save(&DepthLines { curves }, &out.join("depth"))?;
-    eprintln!(
+    crate::note!(
         "spectrum: wrote spectrum.csv, depth.csv and figures to {}",
         out.display()
     );

@@ -73,7 +73,7 @@ pub(super) fn run(args: &TrainArgs) -> Result<()> {
             let dataset = train::open_dataset(args.data.as_deref())?;
             let cfg = args.resolve(dataset.len())?;
             if args.print_config {
-                println!("{}", serde_json::to_string_pretty(&cfg)?);
+                crate::say!("{}", serde_json::to_string_pretty(&cfg)?);
                 return Ok(());
             }
             let out = args.out.clone().context("--out RUN_DIR is required")?;
@@ -108,11 +108,11 @@ pub fn train_or_continue(args: &TrainArgs) -> Result<()> {
         check_same_settings(out, args)?;
     }
     if out.join(FINAL_FILE).exists() {
-        eprintln!("{} is complete: training skipped", out.display());
+        crate::note!("{} is complete: training skipped", out.display());
         return Ok(());
     }
     if is_started_run(out) {
-        eprintln!(
+        crate::note!(
             "{} holds an unfinished run: resuming it with its saved config",
             out.display()
         );

@@ -248,10 +248,10 @@ impl Dataset {
             None
         };
         for e in skipped.iter().take(SKIP_REPORT_LIMIT) {
-            eprintln!("warning: skipping {e:#}");
+            crate::note!("warning: skipping {e:#}");
         }
         if skipped.len() > SKIP_REPORT_LIMIT {
-            eprintln!(
+            crate::note!(
                 "warning: skipped {} more unreadable files in {}",
                 skipped.len() - SKIP_REPORT_LIMIT,
                 dir.display()
@@ -319,7 +319,7 @@ impl Dataset {
                 Ok(img) => return Ok(img),
                 Err(e) => {
                     if self.mark_bad(j) {
-                        eprintln!("warning: skipping {e:#}");
+                        crate::note!("warning: skipping {e:#}");
                     }
                 }
             }

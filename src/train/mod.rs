@@ -144,7 +144,7 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
         Some(step) => load_checkpoint(&cfg, &ckpt_dir, step, device)?,
         None => {
             if resuming {
-                eprintln!(
+                crate::note!(
                     "no checkpoint in {} yet: starting the run over",
                     ckpt_dir.display()
                 );
@@ -177,7 +177,7 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
     run.progress.finish();
     let total = started.elapsed().as_secs_f64();
     if total > 0.0 && cfg.steps > first {
-        eprintln!(
+        crate::note!(
             "data: the steps waited {:.1} s for batches (and their copy to the device), {:.1}% \
              of {total:.1} s of training",
             run.waited.as_secs_f64(),
@@ -191,7 +191,7 @@ pub fn train(run_dir: &Path, start: Start, device: &Device) -> Result<(PathBuf, 
         &run.store,
         checkpoint_metadata(&cfg, cfg.steps)?,
     )?;
-    eprintln!("final checkpoint: {}", final_path.display());
+    crate::note!("final checkpoint: {}", final_path.display());
     Ok((final_path, cfg))
 }
 
@@ -239,7 +239,7 @@ fn reopen_run(run_dir: &Path, device: &Device) -> Result<(TrainConfig, Dataset)>
     check_precision(&cfg, device, true)?;
     let dataset = open_dataset(cfg.data.as_deref())?;
     if dataset.len() != cfg.dataset_size {
-        eprintln!(
+        crate::note!(
             "warning: the run started with {} usable images and now finds {}: the \
              resumed run will not draw the batches the original would have",
             cfg.dataset_size,
@@ -250,7 +250,7 @@ fn reopen_run(run_dir: &Path, device: &Device) -> Result<(TrainConfig, Dataset)>
 }
 
 fn log_data(cfg: &TrainConfig, dataset: &Dataset) {
-    eprintln!(
+    crate::note!(
         "data: {} images from {}{}",
         dataset.len(),
         cfg.data
@@ -279,7 +279,7 @@ fn load_checkpoint(
     let st = checkpoint::load_tensors(&state, DType::F32, device)?;
     opt.load_state(&st.tensors, step)
         .map_err(|e| anyhow::anyhow!("{}: {e}", state.display()))?;
-    eprintln!("resuming from {} (step {step})", weights.display());
+    crate::note!("resuming from {} (step {step})", weights.display());
     Ok((loaded.model, loaded.store, opt))
 }
 
@@ -292,14 +292,14 @@ fn init_model(cfg: &TrainConfig, device: &Device) -> Result<(Mae, ParamStore, Ad
 
 fn log_schedule(cfg: &TrainConfig, opt: &AdamW) {
     let (decayed, undecayed) = opt.groups();
-    eprintln!(
+    crate::note!(
         "optimiser: AdamW betas (0.9, 0.95), weight decay {} on {} tensors, none on {}: {}",
         cfg.weight_decay,
         decayed.len(),
         undecayed.len(),
         cfg.decay_rule().describe()
     );
-    eprintln!(
+    crate::note!(
         "schedule: lr {:.3e} = blr {:.3e} x batch {} / 256, {} warmup steps then half-cosine over {} steps",
         cfg.lr, cfg.blr, cfg.batch_size, cfg.warmup_steps, cfg.steps
     );
@@ -526,7 +526,7 @@ impl Progress {
             None if done.is_multiple_of(self.every) || done == self.total => {
                 let per_step = self.start.elapsed().as_secs_f64() / (done - self.first) as f64;
                 let eta = per_step * (self.total - done) as f64;
-                eprintln!("step {done}/{} {msg} eta {eta:.0}s", self.total);
+                crate::note!("step {done}/{} {msg} eta {eta:.0}s", self.total);
             }
             None => {}
         }
@@ -536,7 +536,7 @@ impl Progress {
     fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
-            eprintln!(
+            crate::note!(
                 "step {}/{} {} ({:.0}s)",
                 b.position(),
                 self.total,
