@@ -36,11 +36,6 @@ pub struct Tolerances {
     pub gradients: f64,
     /// Worst single parameter's gradient.
     pub gradient_tensor: f64,
-    /// `--kernels`: worst kernel case, value or gradient, as max |a - e| / max |e|
-    /// ([`crate::kernels::check::all`], always f32).
-    pub kernel: f64,
-    /// `--kernels`: worst second derivative (H v) of a kernel case, in f64.
-    pub kernel_hvp: f64,
 }
 
 impl Tolerances {
@@ -61,16 +56,12 @@ impl Tolerances {
                 features: 1e-4,
                 gradients: 1e-4,
                 gradient_tensor: 1e-3,
-                kernel: KERNEL_F32,
-                kernel_hvp: KERNEL_HVP_F64,
             },
             TrainPrecision::Bf16 => Tolerances {
                 loss: 5e-3,
                 features: 3e-2,
                 gradients: 2e-1,
                 gradient_tensor: 5e-1,
-                kernel: KERNEL_F32,
-                kernel_hvp: KERNEL_HVP_F64,
             },
         }
     }
@@ -284,7 +275,7 @@ pub fn compare(args: &ParityArgs, device: &Device) -> Result<Report> {
     let tol = Tolerances::for_precision(args.precision);
     let (mut lines, mut failures) = (Vec::new(), Vec::new());
     if args.kernels {
-        kernel_checks(device, &tol, &mut lines, &mut failures)?;
+        kernel_checks(device, &mut lines, &mut failures)?;
     }
     lines.extend(report_lines(args, device, &a, &b, &errors, &tol));
     failures.extend(errors.failures(&tol));
@@ -293,10 +284,9 @@ pub fn compare(args: &ParityArgs, device: &Device) -> Result<Report> {
 
 /// `--kernels`: every kernel on `device` against its primitive form on the CPU, a line each
 /// (`kernel_<op>_<dims>_rel=`, `kernel_hvp_<op>_rel=`), and a failure for each case over its
-/// tolerance (NaN included).
+/// tolerance ([`KERNEL_F32`], [`KERNEL_HVP_F64`], whatever `--precision`; NaN included).
 fn kernel_checks(
     device: &Device,
-    tol: &Tolerances,
     lines: &mut Vec<String>,
     failures: &mut Vec<String>,
 ) -> Result<()> {
@@ -308,7 +298,7 @@ fn kernel_checks(
     };
     for k in crate::kernels::check::all(device, DType::F32)? {
         let name = format!("kernel_{}_{}", k.op.replace(' ', "_"), dims_name(&k.dims));
-        add(name, k.worst(), tol.kernel);
+        add(name, k.worst(), KERNEL_F32);
     }
     for (op, diffs) in crate::kernels::check::second_order_all(device, DType::F64)? {
         let worst =
@@ -319,7 +309,7 @@ fn kernel_checks(
         add(
             format!("kernel_hvp_{}", op.replace([' ', '-'], "_")),
             worst,
-            tol.kernel_hvp,
+            KERNEL_HVP_F64,
         );
     }
     Ok(())

@@ -128,19 +128,12 @@ pub fn compare_op(
     })
 }
 
-/// The attention core from primitive ops, as the model computes it off the fused path (no
-/// mixed precision): (B, N, 3D) qkv -> (B, nq, D), heads `h`, scale 1/√d.
+/// The attention core from primitive ops (no mixed precision, the primitive softmax):
+/// (B, N, 3D) qkv -> (B, nq, D), heads `h`, scale 1/√d.
 pub fn attention_reference(qkv: &Tensor, h: usize, nq: usize) -> Result<Tensor> {
-    let (b, n, r) = qkv.dims3()?;
-    let (dim, d) = (r / 3, r / 3 / h);
-    let t = qkv.reshape((b, n, 3, h, d))?.permute((2, 0, 3, 1, 4))?;
-    let q = t.get(0)?.narrow(2, n - nq, nq)?.contiguous()?;
-    let (k, v) = (t.get(1)?.contiguous()?, t.get(2)?.contiguous()?);
-    let s = (q * (d as f64).powf(-0.5))?.matmul(&k.t()?)?;
-    super::primitive::softmax_last_dim(&s)?
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .reshape((b, nq, dim))
+    let d = qkv.dim(2)? / 3 / h;
+    let softmax: fn(&Tensor) -> Result<Tensor> = super::primitive::softmax_last_dim;
+    super::primitive::attention(qkv, h, nq, (d as f64).powf(-0.5), None, softmax)
 }
 
 /// 0.5 x (1 + erf(x / √2)) from primitive ops, whose derivative candle knows exactly; not

@@ -97,7 +97,7 @@ pub fn attention(
     if mm.is_none() && fused(qkv) {
         attention::attention(qkv, heads, n_query, scale)
     } else {
-        attention::from_products(qkv, heads, n_query, scale, mm)
+        primitive::attention(qkv, heads, n_query, scale, mm, softmax_last_dim)
     }
 }
 

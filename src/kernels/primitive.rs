@@ -37,3 +37,34 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, mm: Option<DType>) -> 
     dims.push(weight.dim(0)?);
     y.reshape(dims)
 }
+
+/// The attention core as products and a softmax: (B, N, 3D) qkv (rows q | k | v, heads
+/// contiguous within each) -> (B, n_query, D), the last `n_query` tokens asking, the two
+/// products in `mm` when given. `softmax` is the model's dispatched one off the fused path
+/// (`kernels::attention`) and [`softmax_last_dim`] here for the tests' reference.
+pub fn attention(
+    qkv: &Tensor,
+    heads: usize,
+    n_query: usize,
+    scale: f64,
+    mm: Option<DType>,
+    softmax: fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    use super::lowp;
+    let (b, n, r) = qkv.dims3()?;
+    let (dim, h) = (r / 3, heads);
+    let hd = dim / h;
+    let qkv_dt = qkv.dtype();
+    let qkv = qkv.reshape((b, n, 3, h, hd))?.permute((2, 0, 3, 1, 4))?; // 3 B H N d
+    let q = qkv.get(0)?.narrow(2, n - n_query, n_query)?.contiguous()?; // B H Nq d
+    let k = qkv.get(1)?.contiguous()?; // B H N d
+    let v = qkv.get(2)?.contiguous()?; // B H N d
+    let scores = lowp(&(q * scale)?, mm)?
+        .matmul(&lowp(&k, mm)?.t()?)?
+        .to_dtype(qkv_dt)?; // B H Nq N
+    lowp(&softmax(&scores)?, mm)?
+        .matmul(&lowp(&v, mm)?)? // B H Nq d
+        .to_dtype(qkv_dt)?
+        .transpose(1, 2)? // B Nq H d
+        .reshape((b, n_query, dim))
+}

@@ -190,32 +190,3 @@ pub fn attention(qkv: &Tensor, heads: usize, n_query: usize, scale: f64) -> Resu
         scale,
     })
 }
-
-/// The attention core off the fused path (mixed precision, or off the CPU), as products and the
-/// dispatched softmax: (B, N, 3D) qkv -> (B, n_query, D), the products in `mm` when given.
-pub(super) fn from_products(
-    qkv: &Tensor,
-    heads: usize,
-    n_query: usize,
-    scale: f64,
-    mm: Option<candle_core::DType>,
-) -> Result<Tensor> {
-    use super::lowp;
-    let (b, n, r) = qkv.dims3()?;
-    let (dim, h) = (r / 3, heads);
-    let hd = dim / h;
-    let qkv_dt = qkv.dtype();
-    let qkv = qkv.reshape((b, n, 3, h, hd))?.permute((2, 0, 3, 1, 4))?; // 3 B H N d
-    let q = qkv.get(0)?.narrow(2, n - n_query, n_query)?.contiguous()?; // B H Nq d
-    let k = qkv.get(1)?.contiguous()?; // B H N d
-    let v = qkv.get(2)?.contiguous()?; // B H N d
-    let scores = lowp(&(q * scale)?, mm)?
-        .matmul(&lowp(&k, mm)?.t()?)?
-        .to_dtype(qkv_dt)?; // B H Nq N
-    let attn = super::softmax_last_dim(&scores)?;
-    lowp(&attn, mm)?
-        .matmul(&lowp(&v, mm)?)? // B H Nq d
-        .to_dtype(qkv_dt)?
-        .transpose(1, 2)? // B Nq H d
-        .reshape((b, n_query, dim))
-}
